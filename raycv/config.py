@@ -1,0 +1,289 @@
+"""The one typed config tree: loaded from YAML, overridden with dotted ``key=value``
+arguments, validated before Ray starts, and written back as resolved YAML."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A config problem, described in one line that names the key and the fix."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ShapesConfig(Section):
+    num_images: int = Field(2000, ge=10, description="images generated (train + val)")
+    image_size: int = Field(64, ge=16, le=1024, description="side of each generated image")
+    num_classes: int = Field(6, ge=2, le=10, description="shape classes used")
+    difficulty: Literal["easy", "medium", "hard"] = "easy"
+    seed: int = 0
+
+
+class FolderConfig(Section):
+    root: str | None = Field(None, description="ImageFolder root: local path or pyarrow URI")
+    train_split: str = "train"
+    val_split: str = "val"
+
+
+class DataConfig(Section):
+    source: str = Field("shapes", description="data source (see raycv.data.sources.SOURCES)")
+    shapes: ShapesConfig = ShapesConfig()
+    folder: FolderConfig = FolderConfig()
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share carved out for validation when there is no val split"
+    )
+    split_seed: int = 0
+    working_size: int | None = Field(
+        None, ge=8, description="side images are decoded and cached at (default: 1.15 x image_size)"
+    )
+    bad_images: Literal["skip", "fail"] = Field(
+        "skip", description="skip and count unreadable files, or stop on the first one"
+    )
+
+
+class AugmentConfig(Section):
+    train_preset: str = "classic"
+    eval_preset: str = "eval"
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.5, ge=0, le=1)
+    rotation: float = Field(30.0, ge=0, le=180, description="max rotation, degrees")
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for key in ("scale", "ratio"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high:
+                raise ValueError(f"{key} must be (low, high) with 0 < low <= high, got {low, high}")
+        if self.scale[1] > 1:
+            raise ValueError(f"scale must lie in (0, 1], got {self.scale}")
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field("resnet18", description="registered model (see `raycv models`)")
+    weights: str | None = Field(None, description="torchvision weights name, e.g. DEFAULT")
+    image_size: int = Field(64, ge=8, description="training crop side")
+
+
+class OptimizerConfig(Section):
+    name: str = "sgd"
+    lr: float = Field(0.1, gt=0, description="learning rate at base_batch_size")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0, description="not applied to norm and bias params")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class SchedulerConfig(Section):
+    name: str = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length")
+    step_size: int = Field(30, ge=1, description="epochs between decays (step)")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor (step)")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch size, split over workers")
+    grad_accum_steps: int = Field(1, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="scale optimizer.lr by (global batch / base_batch_size)"
+    )
+    base_batch_size: int = Field(256, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    prefetch_batches: int = Field(2, ge=0)
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (--local runs in-process)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0, description="used when use_gpu is true")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class CheckpointConfig(Section):
+    keep: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept too)")
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+
+
+class RunConfig(Section):
+    storage: str = Field("runs", description="root of run folders: local path or pyarrow URI")
+    max_failures: int = Field(0, ge=-1, description="worker-failure restarts (-1: forever)")
+
+
+class Config(Section):
+    experiment: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: str = "classification"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        _check_names(self)
+        workers = self.scaling.num_workers
+        if self.train.batch_size < workers or self.train.batch_size % workers:
+            raise ValueError(
+                f"train.batch_size must be a positive multiple of scaling.num_workers "
+                f"(got {self.train.batch_size} for {workers} workers)"
+            )
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        from raycv.models import check_input_size
+
+        check_input_size(self.model.name, self.model.image_size, self.model.weights)
+        if self.data.source == "folder":
+            _check_folder_root(self.data.folder.root)
+        return self
+
+    @property
+    def working_size(self) -> int:
+        return self.data.working_size or round(self.model.image_size * 1.15)
+
+
+def _check_names(cfg: Config) -> None:
+    # Imported here: the registries import torch, and config must load without it.
+    from raycv.data.augment import AUGMENTATIONS
+    from raycv.data.sources import SOURCES
+    from raycv.models import MODELS
+    from raycv.optim import OPTIMIZERS, SCHEDULERS
+    from raycv.tasks import TASKS
+
+    for key, value, registry in (
+        ("task", cfg.task, TASKS),
+        ("data.source", cfg.data.source, SOURCES),
+        ("augment.train_preset", cfg.augment.train_preset, AUGMENTATIONS),
+        ("augment.eval_preset", cfg.augment.eval_preset, AUGMENTATIONS),
+        ("model.name", cfg.model.name, MODELS),
+        ("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
+        ("scheduler.name", cfg.scheduler.name, SCHEDULERS),
+    ):
+        if value not in registry:
+            raise ValueError(f"{key}={value!r} is unknown; choose one of: {', '.join(registry)}")
+
+
+def _check_folder_root(root: str | None) -> None:
+    if not root:
+        raise ValueError("data.folder.root is required when data.source=folder")
+    if "://" not in root and not os.path.isdir(root):
+        raise ValueError(f"data.folder.root={root!r} is not a folder; point it at an ImageFolder")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read YAML, apply ``a.b=value`` overrides, validate; raise ConfigError on any problem."""
+    return from_dict(_read_yaml(path) if path else {}, overrides)
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Validate a config mapping (e.g. one saved in a checkpoint) after applying overrides."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0], raw)) from e
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} not found; pass a YAML file such as configs/smoke.yaml"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must hold a mapping of config sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value, e.g. train.epochs=3"
+        )
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML") from e
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        return _unknown_key(loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if not key:
+        return msg
+    if "input" in err and not isinstance(err["input"], dict):
+        return f"{key}: {msg} (got {err['input']!r})"
+    return f"{key}: {msg}"
+
+
+def _unknown_key(loc: list[str]) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{'.'.join(loc)} is not a config key; {hint}valid keys: {', '.join(valid)}"
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

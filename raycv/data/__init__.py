@@ -1,0 +1,1 @@
+"""Data sources, image decoding and augmentation, all run inside Ray Data."""

@@ -1,0 +1,47 @@
+"""Decoding real-world image files into RGB arrays of one working size.
+
+Palette, greyscale, CMYK and alpha images are converted to RGB; files that cannot be
+decoded raise ``BadImageError`` naming the file, and the caller decides whether to skip
+and count them or stop (``data.bad_images``)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from raycv.errors import BadImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# A decompression bomb check that still admits large real photos (e.g. 20,000 px panoramas).
+Image.MAX_IMAGE_PIXELS = 400_000_000
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for every mode; transparency is composited on white, not dropped to black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode(data: bytes, path: str, size: int) -> np.ndarray:
+    """Bytes of an image file -> uint8 (size, size, 3): shorter side resized to ``size``,
+    then centre-cropped, so each epoch's augmentation starts from a small cached array."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
+            img = ImageOps.exif_transpose(to_rgb(img))
+            img.load()
+    except Exception as e:  # PIL raises many types for broken files
+        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)

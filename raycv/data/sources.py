@@ -1,0 +1,202 @@
+"""Data sources by name. Each returns Ray Datasets of images decoded once to the working
+size and cached in the object store (``{"image": uint8 (W, W, 3), "label": int64}``), so
+each epoch pays only for augmentation."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray.data
+from PIL import Image
+
+from raycv.config import Config
+from raycv.data import shapes
+from raycv.data.images import decode
+from raycv.errors import BadImageError, DataError
+from raycv.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SourceData:
+    class_names: list[str]
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out
+
+
+SOURCES: Registry[Callable[[Config], SourceData]] = Registry("data source")
+
+
+# ------------------------------------------------------------------ shapes (built in)
+
+
+@dataclass(frozen=True)
+class _RenderShapes:
+    """Ray Data batch function: row positions -> rendered images at the working size."""
+
+    indices: np.ndarray
+    cfg: dict
+    size: int
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels = [], []
+        for i in self.indices[batch["id"]]:
+            sample = shapes.render(int(i), **self.cfg)
+            img = sample["image"]
+            if img.shape[0] != self.size:
+                img = np.asarray(
+                    Image.fromarray(img).resize((self.size, self.size), Image.BILINEAR)
+                )
+            images.append(img)
+            labels.append(sample["label"])
+        return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
+
+
+@SOURCES.register("shapes")
+def shapes_source(cfg: Config) -> SourceData:
+    s = cfg.data.shapes
+    render_args = {
+        "image_size": s.image_size,
+        "num_classes": s.num_classes,
+        "difficulty": s.difficulty,
+        "seed": s.seed,
+    }
+    train_idx, val_idx = split_indices(s.num_images, cfg.data.val_fraction, cfg.data.split_seed)
+
+    def rendered(indices: np.ndarray) -> ray.data.Dataset:
+        fn = _RenderShapes(indices, render_args, cfg.working_size)
+        return ray.data.range(len(indices)).map_batches(fn, batch_size=256).materialize()
+
+    return SourceData(shapes.class_names(s.num_classes), rendered(train_idx), rendered(val_idx))
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(n * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+# ------------------------------------------------------------------ folder (ImageFolder)
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """Ray Data batch function: file bytes -> images; bad files flagged or fatal."""
+
+    class_index: dict[str, int]
+    size: int
+    fail_on_bad: bool
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels, ok = [], [], []
+        for data, path in zip(batch["bytes"], batch["path"]):
+            try:
+                images.append(decode(data, path, self.size))
+                ok.append(True)
+            except BadImageError:
+                if self.fail_on_bad:
+                    raise
+                images.append(np.zeros((self.size, self.size, 3), np.uint8))
+                ok.append(False)
+            labels.append(self.class_index[posixpath.basename(posixpath.dirname(path))])
+        return {
+            "image": np.stack(images),
+            "label": np.asarray(labels, dtype=np.int64),
+            "path": batch["path"],
+            "ok": np.asarray(ok),
+        }
+
+
+@SOURCES.register("folder")
+def folder_source(cfg: Config) -> SourceData:
+    f = cfg.data.folder
+    fs, root = _filesystem(f.root)
+    train_dir = posixpath.join(root, f.train_split)
+    if _info(fs, train_dir).type != pafs.FileType.Directory:
+        train_dir = root  # no split folders: the root holds the class folders
+    classes = _class_names(fs, train_dir)
+    train_files = _list_files(fs, train_dir, classes)
+    val_dir = posixpath.join(root, f.val_split)
+    if train_dir != root and _info(fs, val_dir).type == pafs.FileType.Directory:
+        val_files = _list_files(fs, val_dir, classes)
+    else:
+        train_idx, val_idx = split_indices(
+            len(train_files), cfg.data.val_fraction, cfg.data.split_seed
+        )
+        train_files, val_files = (
+            [train_files[i] for i in train_idx],
+            [train_files[i] for i in val_idx],
+        )
+    decoder = _Decode(
+        {c: i for i, c in enumerate(classes)}, cfg.working_size, cfg.data.bad_images == "fail"
+    )
+    train, bad_train = _decoded(train_files, fs, decoder)
+    val, bad_val = _decoded(val_files, fs, decoder)
+    if bad_train or bad_val:
+        log.warning(
+            "skipped %d unreadable files, e.g. %s",
+            len(bad_train + bad_val),
+            (bad_train + bad_val)[0],
+        )
+    return SourceData(classes, train, val, bad_train + bad_val)
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+def _info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
+    return fs.get_file_info(path)
+
+
+def _class_names(fs: pafs.FileSystem, directory: str) -> list[str]:
+    entries = fs.get_file_info(pafs.FileSelector(directory))
+    classes = sorted(
+        e.base_name
+        for e in entries
+        if e.type == pafs.FileType.Directory and not e.base_name.startswith(".")
+    )
+    if len(classes) < 2:
+        raise DataError(
+            f"{directory} has {len(classes)} class folder(s); an ImageFolder needs at least 2 "
+            "(root/<split>/<class>/*.jpg)"
+        )
+    return classes
+
+
+def _list_files(fs: pafs.FileSystem, directory: str, classes: list[str]) -> list[str]:
+    files = []
+    for name in classes:
+        selector = pafs.FileSelector(
+            posixpath.join(directory, name), allow_not_found=True, recursive=False
+        )
+        files += sorted(
+            e.path
+            for e in fs.get_file_info(selector)
+            if e.type == pafs.FileType.File and not e.base_name.startswith(".")
+        )
+    if not files:
+        raise DataError(f"{directory} holds no files under its class folders")
+    return files
+
+
+def _decoded(
+    files: list[str], fs: pafs.FileSystem, decoder: _Decode
+) -> tuple[ray.data.Dataset, list[str]]:
+    """Decode once and cache; return the good rows and the paths of the bad ones."""
+    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+    ds = ds.map_batches(decoder, batch_size=64).materialize()
+    bad = [
+        row["path"] for row in ds.filter(lambda r: not r["ok"]).select_columns(["path"]).take_all()
+    ]
+    good = ds.filter(lambda r: r["ok"]) if bad else ds
+    return good.drop_columns(["ok", "path"]).materialize(), bad

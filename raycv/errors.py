@@ -1,0 +1,9 @@
+"""Errors that reach the user as one line naming the fix (kept import-light for the CLI)."""
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured."""
+
+
+class BadImageError(ValueError):
+    """A file that is not a readable image."""

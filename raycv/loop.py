@@ -1,0 +1,237 @@
+"""The per-worker training loop that every stage shares.
+
+Ray Train runs ``train_func`` on each worker (or in-process with ``--local``):
+build the model, wrap it for DDP, restore the last checkpoint, then for each epoch
+train on this worker's shard of the Ray Data stream, validate, and report."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raycv import checkpoint
+from raycv.config import Config
+from raycv.models import create_model
+from raycv.optim import build_optimizer, build_scheduler, scaled_lr
+from raycv.runs import MetricsRecorder, RunFolder
+from raycv.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the driver learned before launching: sent to every worker with the config."""
+
+    run_dir: str
+    class_names: list[str]
+    num_train: int
+    local: bool = False
+
+
+@dataclass
+class State:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def to_dict(self, epoch: int, cfg: Config, info: RunInfo, metrics: dict) -> dict[str, Any]:
+        return {
+            "model": checkpoint.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "class_names": info.class_names,
+            "config": cfg.model_dump(mode="json"),
+            "metrics": metrics,
+        }
+
+    def restore(self, saved: dict[str, Any]) -> int:
+        checkpoint.unwrap(self.model).load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        return int(saved["epoch"])
+
+
+def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
+    """Optimizer steps per epoch on each worker (equal on all: DDP needs that)."""
+    local_batch = cfg.train.batch_size // world
+    return (num_train // world) // local_batch // cfg.train.grad_accum_steps
+
+
+def train_func(payload: dict[str, Any]) -> None:
+    cfg = Config.model_validate(payload["config"])
+    info = RunInfo(**payload["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+
+    # 1. Model, wrapped in DDP by Ray Train (gloo on CPU, NCCL on GPU).
+    model = create_model(
+        cfg.model.name, len(info.class_names), cfg.model.weights, cfg.model.image_size
+    )
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    state = _build_state(model, cfg, info, world, device)
+
+    # 2. Restore: Ray hands back the latest reported checkpoint after a restart or resume.
+    start_epoch = _restore(state, info)
+    if cfg.train.compile and device.type == "cuda":
+        model = torch.compile(model)
+
+    # 3. This worker's shard of each Ray Data stream.
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    task = TASKS.get(cfg.task)(len(info.class_names), cfg.train.label_smoothing)
+    steps = steps_per_epoch(cfg, info.num_train, world)
+    for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps)
+        metrics |= evaluate(model, task, val_shard, cfg, device)
+        metrics = {"epoch": epoch, **metrics}
+        # 4. Report from every worker; rank 0 alone attaches the checkpoint.
+        _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
+
+
+def _build_state(model: nn.Module, cfg: Config, info: RunInfo, world: int, device) -> State:
+    global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
+    lr = scaled_lr(cfg.optimizer.lr, cfg.train.lr_scaling, global_batch, cfg.train.base_batch_size)
+    optimizer = build_optimizer(model, cfg.optimizer, lr)
+    steps = steps_per_epoch(cfg, info.num_train, world)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, steps, cfg.train.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return State(model, optimizer, scheduler, scaler)
+
+
+def _restore(state: State, info: RunInfo) -> int:
+    """The epoch to continue after (0 for a fresh run)."""
+    found = ray.train.get_checkpoint()
+    if found is not None:
+        with found.as_directory() as d:
+            return state.restore(checkpoint.load(d))
+    if info.local:  # local mode persists its own checkpoints; Ray does not hand them back
+        saved = checkpoint.checkpoint_epochs(RunFolder(Path(info.run_dir)).checkpoints)
+        if saved:
+            return state.restore(checkpoint.load(saved[max(saved)]))
+    return 0
+
+
+def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps: int) -> dict:
+    model.train()
+    accum = cfg.train.grad_accum_steps
+    batches = _batches(shard, cfg, device, train=True)
+    meter = task.metrics()
+    waited = 0.0
+    started = time.perf_counter()
+    for _ in range(steps):
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - t0
+            sync = micro == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss, logits = _forward(model, task, batch, cfg, device)
+                state.scaler.scale(loss / accum).backward()
+            meter.update(loss.detach(), logits.detach(), task.targets(batch))
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+    for _ in batches:  # drain the equal-split tail so the next epoch starts clean
+        pass
+    elapsed = time.perf_counter() - started
+    images = steps * accum * cfg.train.batch_size  # global: every worker did the same
+    return {
+        **_all_reduce(meter, device).compute("train"),
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "images_per_s": images / elapsed,
+        "data_wait": waited / elapsed,
+        "epoch_s": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, task, shard, cfg: Config, device) -> dict[str, float]:
+    model.eval()
+    meter = task.metrics()
+    for batch in _batches(shard, cfg, device, train=False):
+        loss, logits = _forward(model, task, batch, cfg, device)
+        meter.update(loss, logits, task.targets(batch))
+    return _all_reduce(meter, device).compute("val")
+
+
+def _forward(model, task, batch, cfg: Config, device):
+    inputs = task.inputs(batch)
+    if cfg.train.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    amp = AMP_DTYPES.get(cfg.train.precision)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        outputs = model(inputs)
+        loss, logits = task.loss(outputs, task.targets(batch))
+    return loss, logits.float()
+
+
+def _batches(shard, cfg: Config, device, train: bool):
+    world = ray.train.get_context().get_world_size()
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size // world,
+            prefetch_batches=cfg.train.prefetch_batches,
+            drop_last=train,  # a 1-image tail batch breaks BatchNorm in training mode
+            device=device,
+        )
+    )
+
+
+def _all_reduce(meter, device):
+    if dist.is_available() and dist.is_initialized():
+        sums = meter.sums.to(device)
+        dist.all_reduce(sums)
+        meter.sums = sums.cpu()
+    return meter
+
+
+def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> None:
+    name = checkpoint.epoch_dir_name(metrics["epoch"])
+    if info.local:
+        # Ray's local mode keeps checkpoints in memory only: write them into the run folder.
+        run = RunFolder(Path(info.run_dir))
+        checkpoint.save(_mkdir(run.checkpoints / name), saved)
+        recorder(cfg, run).record(metrics)
+        ray.train.report(metrics)
+        return
+    if saved is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(d, saved)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
+        )
+
+
+def recorder(cfg: Config, run: RunFolder) -> MetricsRecorder:
+    c = cfg.checkpoint
+    return MetricsRecorder(run, cfg.train.epochs, c.keep, c.metric, c.mode)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

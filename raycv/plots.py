@@ -1,0 +1,66 @@
+"""Pictures people would rather look at than read: curves, confusion matrices, grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def training_curves(history: list[dict[str, Any]], out: Path) -> Path:
+    epochs = [m["epoch"] for m in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        ax_loss.plot(epochs, [m.get(key) for m in history], marker="o", label=label)
+    for key, label in (
+        ("train_acc", "train top-1"),
+        ("val_acc", "val top-1"),
+        ("val_acc5", "val top-5"),
+    ):
+        if any(key in m for m in history):
+            ax_acc.plot(epochs, [m.get(key) for m in history], marker="o", label=label)
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, out)
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: list[str], out: Path) -> Path:
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    for i in range(n):
+        for j in range(n):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
+    return _save(fig, out)
+
+
+def image_grid(images: np.ndarray, titles: list[str], out: Path, columns: int = 8) -> Path:
+    """``images``: uint8 (N, H, W, 3)."""
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

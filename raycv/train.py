@@ -1,0 +1,170 @@
+"""The train stage: one Ray Train run of the shared loop, from a validated config to a
+finished run folder (config, metrics, checkpoints, curves, manifest)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raycv import plots
+from raycv.checkpoint import checkpoint_epochs
+from raycv.config import Config, dump_config, load_config
+from raycv.data.pipeline import build_streams
+from raycv.loop import RunInfo, recorder, train_func
+from raycv.runs import MetricsRecorder, RunFolder, code_version, read_metrics, write_json
+from raycv.session import ensure_ray
+
+log = logging.getLogger(__name__)
+
+
+class _RecordReports(ray.train.UserCallback):
+    """Runs on the Train controller: records each epoch that the workers report."""
+
+    def __init__(self, recorder: MetricsRecorder) -> None:
+        self.recorder = recorder
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not logging.getLogger("raycv").handlers:  # the controller is a fresh process
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        self.recorder.record(metrics[0])
+
+
+def prepare_run(cfg: Config, stage: str, resume: str | bool | None) -> tuple[Config, RunFolder]:
+    """A new run folder, or the one being resumed (whose saved config wins)."""
+    if resume:
+        run = RunFolder.find(
+            cfg.run.storage, cfg.experiment, stage, None if resume is True else resume
+        )
+        saved = load_config(run.config)
+        if saved.model_dump() != cfg.model_dump():
+            log.warning("resuming %s with the config saved there, not the one given now", run.path)
+        return saved, run
+    run = RunFolder.create(cfg.run.storage, cfg.experiment, stage)
+    run.config.write_text(dump_config(cfg))
+    return cfg, run
+
+
+def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = None) -> RunFolder:
+    cfg, run = prepare_run(cfg, "train", resume)
+    started = time.time()
+    log.info("run folder: %s", run.path)
+    ensure_ray(cfg)
+    streams = build_streams(cfg)
+    info = RunInfo(str(run.path), streams.class_names, streams.num_train, local)
+    log.info(
+        "data: %d train / %d val images, %d classes, %d unreadable files skipped",
+        streams.num_train,
+        streams.num_val,
+        len(streams.class_names),
+        len(streams.skipped),
+    )
+    write_manifest(run, cfg, status="running", extra={"skipped_files": streams.skipped})
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run": asdict(info)},
+        scaling_config=scaling_config(cfg, local),
+        run_config=RunConfig(
+            name="checkpoints",  # Ray's files land in <run folder>/checkpoints
+            storage_path=str(run.path),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # MetricsRecorder prunes
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=[_RecordReports(recorder(cfg, run))],
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
+        ),
+        datasets={"train": streams.train, "val": streams.val},
+    )
+    trainer.fit()
+    return finish(run, cfg, started, streams.skipped)
+
+
+def scaling_config(cfg: Config, local: bool) -> ScalingConfig:
+    s = cfg.scaling
+    if local:
+        return ScalingConfig(num_workers=0)
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    return ScalingConfig(
+        num_workers=s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=s.placement_strategy,
+    )
+
+
+def finish(run: RunFolder, cfg: Config, started: float, skipped: list[str]) -> RunFolder:
+    history = read_metrics(run.metrics)
+    curves = plots.training_curves(history, run.plots / "curves.png") if history else None
+    best = recorder(cfg, run).best(history)
+    write_manifest(
+        run,
+        cfg,
+        status="finished",
+        extra={
+            "metrics": {"final": history[-1] if history else {}, "best": best or {}},
+            "elapsed_s": round(time.time() - started, 1),
+            "skipped_files": skipped,
+            "paths": _paths(run, best, curves),
+        },
+    )
+    log.info("\n%s", summary_table(history, best, skipped))
+    return run
+
+
+def _paths(run: RunFolder, best: dict | None, curves) -> dict[str, str | None]:
+    saved = checkpoint_epochs(run.checkpoints)
+    best_dir = saved.get(best["epoch"]) if best else None
+    return {
+        "config": run.config.name,
+        "metrics": run.metrics.name,
+        "tensorboard": run.tensorboard.name,
+        "latest_checkpoint": str(saved[max(saved)].relative_to(run.path)) if saved else None,
+        "best_checkpoint": str(best_dir.relative_to(run.path)) if best_dir else None,
+        "curves": str(curves.relative_to(run.path)) if curves else None,
+    }
+
+
+def write_manifest(
+    run: RunFolder,
+    cfg: Config,
+    status: str,
+    extra: dict | None = None,
+    kind: str = "train",
+    parent: str | None = None,
+) -> None:
+    write_json(
+        run.manifest,
+        {
+            "kind": kind,
+            "status": status,
+            "parent": parent,
+            "code_version": code_version(),
+            "experiment": cfg.experiment,
+            "model": cfg.model.name,
+            **(extra or {}),
+        },
+    )
+
+
+def summary_table(history: list[dict[str, Any]], best: dict | None, skipped: list[str]) -> str:
+    if not history:
+        return "no epoch finished"
+    last = history[-1]
+    rows = [
+        ("epochs", f"{last['epoch']}"),
+        ("final val top-1", f"{last.get('val_acc', float('nan')):.4f}"),
+        (
+            "best val top-1",
+            f"{best['val_acc']:.4f} (epoch {best['epoch']})" if best and "val_acc" in best else "-",
+        ),
+        ("final train loss", f"{last.get('train_loss', float('nan')):.4f}"),
+        ("throughput", f"{last.get('images_per_s', 0):.0f} images/s"),
+        ("data wait", f"{last.get('data_wait', 0):.0%} of step time"),
+        ("unreadable files skipped", str(len(skipped))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)

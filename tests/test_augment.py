@@ -1,0 +1,214 @@
+"""Augmentation presets: per-image randomness, exact geometry, normalisation, pass-through."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from raycv.config import AugmentConfig
+from raycv.data.augment import (
+    AUGMENTATIONS,
+    ClassicV2Preset,
+    affine_matrices,
+    build_preset,
+    color_jitter,
+    crop_boxes,
+    denormalize,
+)
+
+PRESETS = ["classic", "classic_v2", "eval"]
+# Every random augmentation off; the crop covers the whole image.
+IDENTITY = {
+    "hflip": 0.0,
+    "vflip": 0.0,
+    "rotation": 0.0,
+    "scale": (1.0, 1.0),
+    "ratio": (1.0, 1.0),
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "saturation": 0.0,
+}
+
+
+def asymmetric_image(size: int) -> np.ndarray:
+    """uint8 (size, size, 3): gradients plus an off-centre square, so no flip maps it to itself."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    image = np.stack([x, y, x * (1 - y)], axis=-1) * 200
+    image[size // 5 : size // 2, size // 8 : size // 3] = (250, 30, 90)
+    return image.astype(np.uint8)
+
+
+def batch_of(images: np.ndarray) -> dict[str, np.ndarray]:
+    n = len(images)
+    return {
+        "image": images,
+        "label": np.arange(n, dtype=np.int64) % 3,
+        "path": np.array([f"img_{i}.jpg" for i in range(n)]),
+    }
+
+
+def normalized(images: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> what the presets should emit for it, float32 (N, 3, H, W)."""
+    pixels = images.transpose(0, 3, 1, 2).astype(np.float32) / 255
+    mean = np.asarray(cfg.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(cfg.std, np.float32).reshape(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def n_distinct(images: np.ndarray) -> int:
+    return len({image.tobytes() for image in images})
+
+
+# ---------------------------------------------------------------- per-image randomness
+
+
+@pytest.mark.parametrize("name", ["classic", "classic_v2"])
+def test_each_image_gets_its_own_draw(name):
+    copies = np.repeat(asymmetric_image(74)[None], 32, axis=0)
+    out = build_preset(name, AugmentConfig(), 64)(batch_of(copies))["image"]
+    assert out.shape == (32, 3, 64, 64)
+    assert n_distinct(out) >= 30
+
+
+def test_one_v2_call_on_a_batch_draws_once_for_all_images():
+    # Why "classic" is hand-written: a v2 pipeline applied to a batch tensor draws one
+    # parameter set, so all 32 copies come out identical.
+    copies = np.repeat(asymmetric_image(74)[None], 32, axis=0)
+    pipeline = ClassicV2Preset(AugmentConfig(), 64).pipeline
+    out = pipeline(torch.from_numpy(copies).permute(0, 3, 1, 2)).numpy()
+    assert out.shape == (32, 3, 64, 64)
+    assert n_distinct(out) == 1
+
+
+@pytest.mark.parametrize("name", ["classic", "classic_v2"])
+def test_fresh_entropy_per_call_unless_seeded(name):
+    batch = batch_of(np.repeat(asymmetric_image(37)[None], 4, axis=0))
+    preset = build_preset(name, AugmentConfig(), 32)
+    assert not np.array_equal(preset(batch)["image"], preset(batch)["image"])
+    preset.seed = 3
+    shipped = pickle.loads(pickle.dumps(preset))  # as Ray ships it to a worker
+    np.testing.assert_array_equal(preset(batch)["image"], shipped(batch)["image"])
+
+
+# ---------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_constant_grey_maps_to_normalised_grey(name):
+    cfg = AugmentConfig(**IDENTITY)
+    grey = np.full((3, 40, 40, 3), 128, dtype=np.uint8)
+    out = build_preset(name, cfg, 32)(batch_of(grey))["image"]
+    assert out.shape == (3, 3, 32, 32) and out.dtype == np.float32
+    expected = (128 / 255 - np.array(cfg.mean)) / np.array(cfg.std)
+    np.testing.assert_allclose(
+        out, np.broadcast_to(expected.reshape(1, 3, 1, 1), out.shape), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(("flip", "axis"), [("hflip", -1), ("vflip", -2)])
+def test_flip_alone_flips_exactly(flip, axis):
+    cfg = AugmentConfig(**{**IDENTITY, flip: 1.0})
+    images = asymmetric_image(32)[None]
+    out = build_preset("classic", cfg, 32)(batch_of(images))["image"]
+    # Working size == output size: the warp samples pixel centres, so this is exact.
+    np.testing.assert_allclose(out, np.flip(normalized(images, cfg), axis), atol=1e-5)
+
+
+def test_flip_with_resize_matches_flipped_bilinear_resize():
+    cfg = AugmentConfig(**{**IDENTITY, "hflip": 1.0})
+    images = asymmetric_image(37)[None]
+    out = build_preset("classic", cfg, 32)(batch_of(images))["image"]
+    pixels = torch.from_numpy(normalized(images, AugmentConfig(mean=(0, 0, 0), std=(1, 1, 1))))
+    resized = TF.resize(pixels, [32, 32], antialias=False).numpy()
+    expected = (resized - np.reshape(cfg.mean, (1, 3, 1, 1))) / np.reshape(cfg.std, (1, 3, 1, 1))
+    np.testing.assert_allclose(out, np.flip(expected, -1), atol=1e-4)
+
+
+def test_fused_warp_equals_torchvision_flip_rotate_crop():
+    # One grid_sample with the composed matrix == v2 hflip, vflip, rotate, crop in sequence.
+    height, width, box = 30, 50, (4, 6, 20, 20)
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    image = torch.stack([x, y, x * y])[None]
+    theta = affine_matrices(
+        np.array([True]), np.array([True]), np.array([25.0]), np.array([box]), height, width
+    )
+    grid = F.affine_grid(torch.from_numpy(theta), [1, 3, 20, 20], align_corners=False)
+    fused = F.grid_sample(image, grid, align_corners=False)
+    rotated = TF.rotate(image.flip(-1).flip(-2), 25.0, TF.InterpolationMode.BILINEAR)
+    np.testing.assert_allclose(fused.numpy(), TF.crop(rotated, *box).numpy(), atol=1e-5)
+
+
+def test_color_jitter_matches_torchvision_per_image():
+    images = torch.rand(4, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    factors = np.random.default_rng(0).uniform(0.5, 1.5, (4, 3))
+    out = color_jitter(images.clone(), factors)
+    for image, result, (b, c, s) in zip(images, out, factors, strict=True):
+        expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, b), c), s)
+        np.testing.assert_allclose(result.numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_crop_boxes_fit_and_fall_back_like_torchvision():
+    rng = np.random.default_rng(0)
+    top, left, h, w = crop_boxes(rng, 500, 40, 60, (0.3, 1.0), (3 / 4, 4 / 3)).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 40).all()
+    assert (left + w <= 60).all()
+    area = h * w / (40 * 60)
+    assert area.min() > 0.25 and area.max() <= 1.0
+    # Aspect ratio 2 at full area never fits a square: torchvision's centre fallback.
+    boxes = crop_boxes(rng, 5, 40, 40, (1.0, 1.0), (2.0, 2.0))
+    np.testing.assert_array_equal(boxes, np.tile([10, 0, 20, 40], (5, 1)))
+
+
+def test_eval_is_deterministic_centre_crop():
+    cfg = AugmentConfig()
+    images = np.stack([asymmetric_image(37), asymmetric_image(37)[::-1]])
+    preset = build_preset("eval", cfg, 32)  # round(32 * 1.15) == 37: no resize
+    first, second = preset(batch_of(images))["image"], preset(batch_of(images))["image"]
+    np.testing.assert_array_equal(first, second)
+    top = round((37 - 32) / 2)  # torchvision's anchor
+    crop = images[:, top : top + 32, top : top + 32]
+    np.testing.assert_allclose(first, normalized(crop, cfg), atol=1e-5)
+    np.testing.assert_array_equal(denormalize(first, cfg), crop)
+
+
+def test_eval_resizes_other_working_sizes():
+    out = build_preset("eval", AugmentConfig(), 32)(batch_of(asymmetric_image(64)[None]))
+    assert out["image"].shape == (1, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- batch plumbing
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_other_keys_pass_through(name):
+    batch = batch_of(np.repeat(asymmetric_image(37)[None], 5, axis=0))
+    out = build_preset(name, AugmentConfig(), 32)(batch)
+    assert set(out) == {"image", "label", "path"}
+    assert out["image"].shape == (5, 3, 32, 32) and out["image"].dtype == np.float32
+    np.testing.assert_array_equal(out["label"], [0, 1, 2, 0, 1])
+    assert out["path"].tolist() == [f"img_{i}.jpg" for i in range(5)]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_empty_and_read_only_batches(name):
+    preset = build_preset(name, AugmentConfig(), 32)
+    assert preset(batch_of(np.zeros((0, 37, 37, 3), np.uint8)))["image"].shape == (0, 3, 32, 32)
+    frozen = np.repeat(asymmetric_image(37)[None], 2, axis=0)
+    frozen.flags.writeable = False  # Ray's zero-copy batches can be read-only
+    assert preset(batch_of(frozen))["image"].shape == (2, 3, 32, 32)
+
+
+def test_wrong_image_layout_names_the_fix():
+    with pytest.raises(ValueError, match=r"uint8 \(N, H, W, 3\)"):
+        build_preset("classic", AugmentConfig(), 32)({"image": np.zeros((2, 37, 37), np.uint8)})
+
+
+def test_unknown_preset_lists_known_ones():
+    assert AUGMENTATIONS.names() == PRESETS
+    with pytest.raises(KeyError, match="choose one of: classic, classic_v2, eval"):
+        build_preset("clasic", AugmentConfig(), 32)
