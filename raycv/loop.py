@@ -105,7 +105,7 @@ def train_func(payload: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps)
         metrics |= evaluate(model, task, val_shard, cfg, device)
-        metrics = {"epoch": epoch, **metrics}
+        metrics = {"epoch": epoch, **metrics, "node": ray.get_runtime_context().get_node_id()}
         # 4. Report from every worker; rank 0 alone attaches the checkpoint.
         _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
 
@@ -139,6 +139,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
     batches = _batches(shard, cfg, device, train=True)
     meter = task.metrics()
     waited = 0.0
+    started_at = time.time()  # wall clock: benchmarks measure start-up against it
     started = time.perf_counter()
     for _ in range(steps):
         for micro in range(accum):
@@ -164,6 +165,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
         "images_per_s": images / elapsed,
         "data_wait": waited / elapsed,
         "epoch_s": elapsed,
+        "epoch_started_at": started_at,
     }
 
 
@@ -214,7 +216,7 @@ def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> No
         # Ray's local mode keeps checkpoints in memory only: write them into the run folder.
         run = RunFolder(Path(info.run_dir))
         checkpoint.save(_mkdir(run.checkpoints / name), saved)
-        recorder(cfg, run).record(metrics)
+        recorder(cfg, run).record([metrics])
         ray.train.report(metrics)
         return
     if saved is None:

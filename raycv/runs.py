@@ -119,7 +119,11 @@ class MetricsRecorder:
     metric: str
     mode: str
 
-    def record(self, metrics: dict[str, Any]) -> None:
+    def record(self, per_worker: list[dict[str, Any]]) -> None:
+        """Append rank 0's metrics (shared by all after the all-reduce), plus where each
+        worker ran."""
+        metrics = {k: v for k, v in per_worker[0].items() if k != "node"}
+        metrics["worker_nodes"] = [m.get("node") for m in per_worker]
         history = [m for m in read_metrics(self.run.metrics) if m["epoch"] < metrics["epoch"]]
         history.append(metrics)
         tmp = self.run.metrics.with_suffix(".tmp")

@@ -32,7 +32,7 @@ class _RecordReports(ray.train.UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not logging.getLogger("raycv").handlers:  # the controller is a fresh process
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-        self.recorder.record(metrics[0])
+        self.recorder.record(metrics)
 
 
 def prepare_run(cfg: Config, stage: str, resume: str | bool | None) -> tuple[Config, RunFolder]:

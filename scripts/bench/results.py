@@ -1,0 +1,111 @@
+"""What every benchmark here shares: the machine it ran on, a plain-text table, and the JSON file.
+
+Imported by the scripts next to it (``python scripts/bench/<name>.py`` puts this folder first on
+``sys.path``); not part of the ``raycv`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bench")
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch threads, load and library versions: the context of a result."""
+    import ray
+    import torch
+    import torchvision
+
+    import raycv
+    from raycv.runs import code_version
+
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "raycv": raycv.__version__,
+        "code_version": code_version(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def header(title: str, info: dict[str, Any]) -> str:
+    return (
+        f"{title}\n"
+        f"machine: {info['cpu_model']}, {info['cpu_count']} cores "
+        f"({info['cpus_usable']} usable), torch threads {info['torch_threads']}, "
+        f"load {info['load_average_1m']} at start\n"
+        f"torch {info['torch']}, torchvision {info['torchvision']}, ray {info['ray']}, "
+        f"raycv {info['code_version']}"
+    )
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned first column, right-aligned numbers, a rule under the header."""
+    cells = [[str(c) for c in columns], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+
+    def line(row: list[str]) -> str:
+        first, *rest = row
+        return "  ".join([first.ljust(widths[0])] + [v.rjust(w) for v, w in zip(rest, widths[1:])])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value and base else None
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def default_out(script: str) -> Path:
+    return Path("bench-results") / f"{Path(script).stem}.json"
+
+
+def setup_logging() -> None:
+    """Progress on stderr as plain lines; the table alone goes to stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    log.info("results written to %s", path)

@@ -1,0 +1,389 @@
+"""End-to-end training images/s of ``raycv train`` vs the compute-only ceiling, and start-up.
+
+* ``ceiling``: a plain PyTorch loop in this process (the same model, image size, per-step batch
+  and SGD optimizer as the raycv runs, fp32, torch threads = cores) on preloaded random tensors:
+  what the cores can do when data costs nothing.  Measured before and after the raycv runs; the
+  higher of the two is the ceiling (machine noise only pulls it down).
+* ``raycv train``: ``python -m raycv train CONFIG overrides...`` as a subprocess, once per worker
+  count.  Throughput is the median ``images_per_s`` in its ``metrics.jsonl`` over epochs >= 2
+  (epoch 1 includes warm-up); start-up is epoch 1's ``epoch_started_at`` - the launch time.
+* ``bare TorchTrainer``: ``bare_trainer.py`` in a fresh subprocess with the same workers and
+  CPUs, whose loop only reports the time: Ray's start-up floor, counted the same way.
+
+Run by hand, not in CI:
+
+    python scripts/bench/train_throughput.py                      # 32 px, 1000 images, 3 epochs
+    python scripts/bench/train_throughput.py --image-size 64 --num-images 4000 --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import results
+
+log = logging.getLogger("bench")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+GOAL = 0.9  # raycv images/s vs the ceiling
+# Ray Train's 60 s default is too short for a first start on a loaded 2-core machine; a longer
+# limit changes no timing, it only keeps a slow start from failing the run.
+START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Writes a table to stdout and the full results (every epoch, the machine) as JSON.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "configs" / "smoke.yaml",
+        help="raycv config the runs start from (default: configs/smoke.yaml); the options "
+        "below override it",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="model.image_size and data.shapes.image_size (default 32)",
+    )
+    p.add_argument(
+        "--num-images", type=int, default=1000, help="data.shapes.num_images (default 1000)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="train.epochs (default 3; at least 2, since epoch 1 is warm-up)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="train.batch_size: the global batch of one optimizer step, split over the "
+        "workers; also the ceiling's batch (default 64)",
+    )
+    p.add_argument("--model", default="resnet18", help="model.name (default resnet18)")
+    p.add_argument(
+        "--workers",
+        default="1,2",
+        help="comma-separated scaling.num_workers, one raycv run each (default 1,2)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help=f"scaling.cpus_per_worker (default: cores / workers, here {cores} / N, so every "
+        "run computes on all cores; Ray gives each worker that many torch threads)",
+    )
+    p.add_argument(
+        "--ceiling-steps",
+        type=int,
+        default=30,
+        help="timed steps of the plain PyTorch loop (default 30)",
+    )
+    p.add_argument(
+        "--ceiling-warmup", type=int, default=5, help="untimed steps before them (default 5)"
+    )
+    p.add_argument(
+        "--skip-bare", action="store_true", help="leave out the bare TorchTrainer start-ups"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds each subprocess may run before it is stopped (default 600)",
+    )
+    p.add_argument(
+        "--storage",
+        type=Path,
+        help="keep the raycv run folders here (default: a temporary folder, removed at the end)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=results.default_out(__file__),
+        help="JSON results file (default: %(default)s, relative to the current folder)",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        p.error(f"--workers takes comma-separated integers, e.g. 1,2 (got {args.workers!r})")
+    if min(args.workers) < 1:
+        p.error("--workers: every count must be at least 1")
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2: epoch 1 is warm-up and is not counted")
+    if args.ceiling_steps < 1:
+        p.error("--ceiling-steps must be at least 1")
+    return args
+
+
+def overrides(args: argparse.Namespace, workers: int, storage: Path) -> list[str]:
+    cpus = args.cpus_per_worker or (os.cpu_count() or 1) / workers
+    return [
+        "experiment=bench",
+        f"run.storage={storage}",
+        f"data.shapes.num_images={args.num_images}",
+        f"data.shapes.image_size={args.image_size}",
+        f"model.name={args.model}",
+        f"model.image_size={args.image_size}",
+        f"train.epochs={args.epochs}",
+        f"train.batch_size={args.batch_size}",
+        "train.precision=fp32",
+        f"scaling.num_workers={workers}",
+        f"scaling.cpus_per_worker={cpus:g}",
+    ]
+
+
+# ---------------------------------------------------------------- ceiling: compute only
+
+
+def ceiling(cfg, steps: int, warmup: int) -> dict[str, float]:
+    """Images/s of forward + loss + backward + SGD step on preloaded random tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    from raycv.models import create_model
+    from raycv.optim import build_optimizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    size, batch = cfg.model.image_size, cfg.train.batch_size
+    classes = cfg.data.shapes.num_classes
+    model = create_model(cfg.model.name, classes, cfg.model.weights, size).train()
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer.lr)
+    batches = [
+        (torch.randn(batch, 3, size, size), torch.randint(classes, (batch,))) for _ in range(4)
+    ]
+
+    def step(i: int) -> None:
+        images, labels = batches[i % len(batches)]
+        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.train.label_smoothing)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(i)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    seconds = time.perf_counter() - started
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "images_per_s": steps * batch / seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+def launch(cmd: list[str], timeout: float, log_file: Path) -> tuple[float, str]:
+    """Run ``cmd``; return its launch wall time and its stdout.  Its output goes to ``log_file``."""
+    env = {**os.environ, **{k: v for k, v in START_TIMEOUT.items() if k not in os.environ}}
+    launched = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    log_file.write_text(
+        f"$ {' '.join(cmd)}\n\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(
+            f"exit status {proc.returncode}; full log in {log_file} (kept with --storage):\n{tail}"
+        )
+    return launched, proc.stdout
+
+
+def raycv_run(args: argparse.Namespace, workers: int, storage: Path, logs: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "raycv", "train", str(args.config)]
+    cmd += overrides(args, workers, storage)
+    started = time.perf_counter()
+    launched, stdout = launch(cmd, args.timeout, logs / f"raycv-{workers}w.log")
+    wall = time.perf_counter() - started
+    run_dir = Path(stdout.strip().splitlines()[-1])  # the command's last line: its run folder
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = [e for e in epochs if e["epoch"] >= 2]
+    return {
+        "command": cmd,
+        "run_dir": str(run_dir),
+        "wall_s": wall,
+        "startup_s": epochs[0]["epoch_started_at"] - launched,
+        "images_per_s": results.median([e["images_per_s"] for e in steady]),
+        "data_wait": results.median([e["data_wait"] for e in steady]),
+        "epochs": [
+            {k: e.get(k) for k in ("epoch", "images_per_s", "data_wait", "epoch_s", "val_acc")}
+            for e in epochs
+        ],
+    }
+
+
+def bare_run(args: argparse.Namespace, workers: int, logs: Path) -> dict[str, Any]:
+    cpus = args.cpus_per_worker or (os.cpu_count() or 1) / workers
+    cmd = [sys.executable, str(HERE / "bare_trainer.py"), f"--num-workers={workers}"]
+    cmd += [f"--cpus-per-worker={cpus:g}"]
+    launched, stdout = launch(cmd, args.timeout, logs / f"bare-{workers}w.log")
+    t = json.loads(stdout.strip().splitlines()[-1])
+    return {
+        "command": cmd,
+        "startup_s": t["first_report_at"] - launched,
+        "imports_s": t["imported_at"] - launched,
+        "ray_init_s": t["ray_up_at"] - t["imported_at"],
+        "trainer_to_first_report_s": t["first_report_at"] - t["ray_up_at"],
+        "worker_torch_threads": t["worker_torch_threads"],
+        "ray_logical_cpus": t["ray_logical_cpus"],
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace, storage: Path) -> dict[str, Any]:
+    from raycv.config import load_config
+
+    # Validate every run's config here first: a typo fails in seconds, not after Ray starts.
+    configs = {w: load_config(args.config, overrides(args, w, storage)) for w in args.workers}
+    first = configs[args.workers[0]]
+    logs = storage / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    log.info("ceiling: %d steps of a plain PyTorch loop ...", args.ceiling_steps)
+    before = ceiling(first, args.ceiling_steps, args.ceiling_warmup)
+    runs: dict[int, dict[str, Any]] = {}
+    for w in args.workers:
+        runs[w] = {"cpus_per_worker": configs[w].scaling.cpus_per_worker}
+        log.info("raycv train, %d worker(s) ...", w)
+        try:
+            runs[w]["raycv"] = raycv_run(args, w, storage, logs)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log.error("raycv train with %d worker(s) failed: %s", w, e)
+            runs[w]["raycv"] = {"error": str(e)}
+        if not args.skip_bare:
+            log.info("bare TorchTrainer, %d worker(s) ...", w)
+            try:
+                runs[w]["bare"] = bare_run(args, w, logs)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                log.error("bare TorchTrainer with %d worker(s) failed: %s", w, e)
+                runs[w]["bare"] = {"error": str(e)}
+    log.info("ceiling again, after the runs ...")
+    after = ceiling(first, args.ceiling_steps, args.ceiling_warmup)
+
+    best = max(before["images_per_s"], after["images_per_s"])
+    for r in runs.values():
+        r["raycv"]["vs_ceiling"] = results.ratio(r["raycv"].get("images_per_s"), best)
+    return {
+        "ceiling": {"images_per_s": best, "before": before, "after": after},
+        "runs": {str(w): r for w, r in runs.items()},
+        "overrides": {str(w): overrides(args, w, storage) for w in args.workers},
+    }
+
+
+def report(out: dict[str, Any], args: argparse.Namespace) -> str:
+    c = out["ceiling"]
+    speed_rows: list[tuple] = [
+        (
+            f"ceiling: plain PyTorch loop, {c['before']['torch_threads']} threads",
+            c["images_per_s"],
+            1.0,
+            None,
+            f"{c['before']['images_per_s']:.0f} / {c['after']['images_per_s']:.0f}",
+        )
+    ]
+    start_rows: list[tuple] = []
+    verdicts = []
+    for w, r in out["runs"].items():
+        raycv, bare = r["raycv"], r.get("bare", {})
+        name = f"raycv train, {w} worker{'s' if w != '1' else ''} x {r['cpus_per_worker']:g} CPU"
+        if "error" in raycv:
+            speed_rows.append((name, "failed", None, None, ""))
+        else:
+            per_epoch = " ".join(f"{e['images_per_s']:.0f}" for e in raycv["epochs"])
+            wait = f"{raycv['data_wait']:.0%}"
+            speed_rows.append((name, raycv["images_per_s"], raycv["vs_ceiling"], wait, per_epoch))
+            met = "met" if raycv["vs_ceiling"] >= GOAL else "NOT met"
+            verdicts.append(f"{w} worker(s) {met} ({raycv['vs_ceiling']:.2f}x)")
+        raycv_start, bare_start = raycv.get("startup_s"), bare.get("startup_s")
+        start_rows.append(
+            (
+                f"{w} worker{'s' if w != '1' else ''}",
+                raycv_start,
+                bare_start,
+                raycv_start - bare_start if raycv_start and bare_start else None,
+                _breakdown(bare),
+            )
+        )
+    lines = [
+        results.table(
+            ["run", "images/s", "vs ceiling", "data wait", "per epoch (ceiling: before / after)"],
+            speed_rows,
+        ),
+        "",
+        f"goal: raycv >= {GOAL}x the ceiling: " + (", ".join(verdicts) or "no run finished"),
+        f"raycv images/s and data wait: median over epochs 2-{args.epochs}; "
+        f"{args.model}, {args.image_size} px, global batch {args.batch_size}, fp32, SGD",
+        "",
+        results.table(
+            [
+                "start-up, launch to first step (s)",
+                "raycv train",
+                "bare TorchTrainer",
+                "raycv extra",
+                "bare: imports + ray.init + trainer",
+            ],
+            start_rows,
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _breakdown(bare: dict[str, Any]) -> str:
+    if "startup_s" not in bare:
+        return "failed" if "error" in bare else ""
+    return (
+        f"{bare['imports_s']:.1f} + {bare['ray_init_s']:.1f} + "
+        f"{bare['trainer_to_first_report_s']:.1f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results.setup_logging()
+    info = results.machine()
+    info["omp_num_threads_env"] = os.environ.get("OMP_NUM_THREADS")
+    with tempfile.TemporaryDirectory(prefix="raycv-bench-") as tmp:
+        storage = (args.storage or Path(tmp)).expanduser().resolve()
+        out = run(args, storage)
+    info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    data = {
+        "benchmark": "train_throughput",
+        "machine": info,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "goal": {"raycv_vs_ceiling": GOAL},
+        **out,
+    }
+    print(results.header("Training images/s: raycv train vs a plain PyTorch loop", info))
+    print()
+    print(report(out, args))
+    results.write(args.out, data)
+    failed = any(
+        "error" in r["raycv"] or "error" in r.get("bare", {}) for r in out["runs"].values()
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Config errors stop before Ray starts, each as one line naming the key, the value and
+the valid choices; overrides are YAML-typed; resolved configs round-trip; the CLI agrees."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycv.cli import build_parser
+from raycv.config import Config, ConfigError, dump_config, from_dict, load_config
+from raycv.models import MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def config_error(raw: dict, overrides: list[str] = ()) -> str:
+    """The message of the ConfigError that ``raw`` plus ``overrides`` must raise."""
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw, list(overrides))
+    message = str(info.value)
+    assert "\n" not in message, f"config errors are one line, got {message!r}"
+    return message
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------ unknown keys, types
+
+
+def test_unknown_top_level_key_lists_the_valid_keys():
+    message = config_error({"bogus": 1})
+    assert message.startswith("bogus is not a config key")
+    assert "valid keys: experiment, task, seed, data, augment, model" in message
+
+
+def test_unknown_nested_key_suggests_the_close_one():
+    message = config_error({"train": {"epoch": 3}})
+    assert message.startswith("train.epoch is not a config key")
+    assert "did you mean 'epochs'?" in message
+    assert "batch_size" in message
+
+
+def test_unknown_key_two_levels_down_names_its_full_path():
+    message = config_error({}, ["data.shape.num_images=10"])
+    assert message.startswith("data.shape is not a config key; did you mean 'shapes'?")
+    message = config_error({"data": {"shapes": {"num_image": 10}}})
+    assert message.startswith("data.shapes.num_image is not a config key")
+    assert "did you mean 'num_images'?" in message
+
+
+def test_unknown_key_without_a_close_match_gives_no_hint():
+    message = config_error({}, ["train.lr=0.1"])  # lr lives in optimizer, not train
+    assert message.startswith("train.lr is not a config key; valid keys: epochs, ")
+    assert "did you mean" not in message
+
+
+def test_wrong_type_names_key_and_value():
+    assert config_error({"train": {"epochs": "many"}}) == (
+        "train.epochs: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'many')"
+    )
+    assert config_error({}, ["train.epochs=3.5"]).endswith("(got 3.5)")
+    assert config_error({"train": 3}) == (
+        "train: Input should be a valid dictionary or instance of TrainConfig (got 3)"
+    )
+
+
+def test_choice_outside_a_literal_lists_the_choices():
+    message = config_error({}, ["train.precision=fp8"])
+    assert message == "train.precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')"
+
+
+# ------------------------------------------------------------------ value checks
+
+
+@pytest.mark.parametrize("lr", ["0", "-1", "-0.5"])
+def test_learning_rate_must_be_positive(lr):
+    message = config_error({}, [f"optimizer.lr={lr}"])
+    assert message.startswith("optimizer.lr: Input should be greater than 0")
+    assert message.endswith(f"(got {yaml.safe_load(lr)!r})")
+
+
+@pytest.mark.parametrize(("batch", "workers"), [(3, 4), (30, 4), (7, 2)])
+def test_batch_size_must_be_a_multiple_of_the_workers(batch, workers):
+    message = config_error({}, [f"train.batch_size={batch}", f"scaling.num_workers={workers}"])
+    assert message == (
+        "train.batch_size must be a positive multiple of scaling.num_workers "
+        f"(got {batch} for {workers} workers)"
+    )
+
+
+def test_batch_size_that_divides_evenly_is_accepted():
+    cfg = from_dict({}, ["train.batch_size=32", "scaling.num_workers=4"])
+    assert (cfg.train.batch_size, cfg.scaling.num_workers) == (32, 4)
+
+
+def test_unknown_model_lists_every_registered_model():
+    message = config_error({}, ["model.name=resnet9"])
+    assert message == (
+        f"model.name='resnet9' is unknown; choose one of: {', '.join(MODELS.names())}"
+    )
+
+
+def test_unknown_data_source_lists_the_sources():
+    message = config_error({}, ["data.source=imagenet"])
+    assert message == "data.source='imagenet' is unknown; choose one of: folder, shapes"
+
+
+def test_folder_source_needs_an_existing_root(tmp_path):
+    message = config_error({}, ["data.source=folder"])
+    assert message == "data.folder.root is required when data.source=folder"
+    missing = tmp_path / "nowhere"
+    message = config_error({}, ["data.source=folder", f"data.folder.root={missing}"])
+    assert message == (
+        f"data.folder.root={str(missing)!r} is not a folder; point it at an ImageFolder"
+    )
+    cfg = from_dict({}, ["data.source=folder", f"data.folder.root={tmp_path}"])
+    assert cfg.data.folder.root == str(tmp_path)
+
+
+def test_image_size_too_small_for_inception_names_the_minimum():
+    message = config_error({}, ["model.name=inception_v3", "model.image_size=64"])
+    assert message == "model.image_size=64 is too small for inception_v3; use at least 75"
+    assert from_dict({}, ["model.name=inception_v3", "model.image_size=75"]).model.image_size == 75
+
+
+def test_vit_size_must_be_a_multiple_of_the_patch():
+    message = config_error({}, ["model.name=vit_b_16", "model.image_size=40"])
+    assert message == "model.image_size=40 must be a multiple of 16 for vit_b_16"
+    message = config_error(
+        {}, ["model.name=vit_b_16", "model.image_size=64", "model.weights=DEFAULT"]
+    )
+    assert message == "model.image_size=64: vit_b_16 weights need 224 px inputs"
+
+
+def test_fp16_needs_a_gpu():
+    message = config_error({}, ["train.precision=fp16"])
+    assert message == "train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU"
+    cfg = from_dict({}, ["train.precision=fp16", "scaling.use_gpu=true"])
+    assert cfg.train.precision == "fp16"
+
+
+# ------------------------------------------------------------------ YAML files and overrides
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 3\n   batch_size: 4\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line 3, column \d+: mapping"):
+        load_config(path)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train\n- model\n")
+    with pytest.raises(ConfigError, match=r"list.yaml must hold a mapping .*got list$"):
+        load_config(path)
+
+
+def test_empty_yaml_gives_the_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set\n")
+    assert load_config(path) == Config()
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"config file '{re.escape(str(path))}' not found"):
+        load_config(path, ["train.epochs=1"])
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "=3", "train..epochs=3", "train epochs=3"])
+def test_malformed_override(item):
+    message = config_error({}, [item])
+    assert message == f"override {item!r} must look like section.key=value, e.g. train.epochs=3"
+
+
+def test_override_with_invalid_yaml_value():
+    assert config_error({}, ["train.epochs=[1"]) == (
+        "override 'train.epochs=[1': value is not valid YAML"
+    )
+
+
+def test_override_into_a_value_set_in_the_yaml():
+    message = config_error({"train": {"epochs": 3}}, ["train.epochs.x=1"])
+    assert message == "override 'train.epochs.x=1': epochs is a value, not a section"
+
+
+def test_override_into_a_default_value_names_the_key():
+    # train.epochs is not in the YAML here: the override builds {"epochs": {"x": 1}}
+    # and the type check reports it (without the offending value).
+    message = config_error({}, ["train.epochs.x=1"])
+    assert message.startswith("train.epochs: Input should be a valid integer")
+
+
+def test_overrides_are_yaml_typed_and_win_over_the_file(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 8, "batch_size": 16}})
+    cfg = load_config(
+        path,
+        [
+            "train.epochs=3",
+            "augment.scale=[0.5,1.0]",
+            "scaling.use_gpu=false",
+            "model.weights=null",
+            "experiment=exp-1",
+        ],
+    )
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.train.batch_size == 16  # untouched keys keep the file's value
+    assert cfg.augment.scale == (0.5, 1.0)
+    assert cfg.scaling.use_gpu is False
+    assert cfg.model.weights is None
+    assert cfg.experiment == "exp-1"
+
+
+def test_later_override_wins():
+    assert from_dict({}, ["train.epochs=2", "train.epochs=5"]).train.epochs == 5
+
+
+def test_from_dict_does_not_modify_its_input():
+    raw = {"train": {"epochs": 2}}
+    from_dict(raw, ["train.epochs=4", "model.image_size=48"])
+    assert raw == {"train": {"epochs": 2}}
+
+
+def test_augment_range_checks():
+    assert config_error({}, ["augment.scale=[0.5,2]"]) == (
+        "augment: scale must lie in (0, 1], got (0.5, 2.0)"
+    )
+    message = config_error({}, ["augment.ratio=[1.5,1.0]"])
+    assert message.startswith("augment: ratio must be (low, high) with 0 < low <= high")
+
+
+def test_resolved_config_round_trips(tmp_path, shapes_cfg):
+    cfg = from_dict(shapes_cfg, ["augment.scale=[0.5,1.0]", "scheduler.warmup_epochs=0.5"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_config(cfg))
+    again = load_config(saved)
+    assert again == cfg
+    assert dump_config(again) == dump_config(cfg)
+    assert yaml.safe_load(saved.read_text())["augment"]["scale"] == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.experiment == path.stem
+    assert cfg.train.batch_size % cfg.scaling.num_workers == 0
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "smoke.yaml"}
+
+
+def test_config_errors_do_not_start_ray():
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("another module's Ray is still running")
+    config_error({}, ["optimizer.lr=-1"])
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def raycv(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "raycv", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_config_error_is_one_line_and_creates_no_run(tmp_path, shapes_cfg):
+    cfgfile = write_yaml(tmp_path / "cfg.yaml", shapes_cfg)
+    storage = tmp_path / "runs"
+    result = raycv("train", str(cfgfile), "train.lr=-1", f"run.storage={storage}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: train.lr is not a config key; valid keys: epochs")
+    assert result.stdout == ""
+    assert not storage.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml"]
+
+
+def subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "") -> dict:
+    """The leaf commands, e.g. {"train": parser, "eval": parser, "data preview": parser}."""
+    found = {}
+    for action in (parser or build_parser())._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(subparsers(sub, f"{prefix}{name} ") or {f"{prefix}{name}": sub})
+    return found
+
+
+def test_cli_commands_are_the_documented_ones():
+    assert sorted(subparsers()) == ["data preview", "eval", "train"]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "data preview"])
+def test_cli_help_mentions_every_option(command, tmp_path):
+    result = raycv(*command.split(), "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: raycv {command} ")
+    parser = subparsers()[command]
+    names = [
+        opt for a in parser._actions for opt in (a.option_strings or [a.dest]) if opt != "help"
+    ]
+    assert len(names) >= 3
+    for name in names:
+        assert name in result.stdout, f"{name} missing from `raycv {command} --help`"
+
+
+def test_cli_unknown_flag_exits_2(tmp_path):
+    result = raycv("train", "cfg.yaml", "--bogus", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
+    assert result.stderr.rstrip().endswith("(see raycv COMMAND --help)")
+    assert list(tmp_path.iterdir()) == []

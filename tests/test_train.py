@@ -1,0 +1,117 @@
+"""Ray Train runs end to end on the built-in shapes data: DDP, local mode, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycv import checkpoint
+from raycv.config import from_dict
+from raycv.runs import read_metrics
+from raycv.train import run_train
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(storage: Path, **sections) -> dict:
+    """Few enough images to train in seconds, enough steps to learn 4 easy classes."""
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["run"] = {"storage": str(storage)}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+def test_ddp_two_workers_learns_and_saves_everything(ray_local, tmp_path):
+    cfg = from_dict(small_config(tmp_path, train={"epochs": 3}, scaling={"num_workers": 2}))
+    run = run_train(cfg)
+
+    history = read_metrics(run.metrics)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert len(history[-1]["worker_nodes"]) == 2
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    manifest = json.loads(run.manifest.read_text())
+    assert manifest["kind"] == "train" and manifest["status"] == "finished"
+    chance = 1 / cfg.data.shapes.num_classes
+    assert manifest["metrics"]["best"]["val_acc"] > chance + 0.3
+    # keep=1 latest plus the best: never more than two folders, the latest is epoch 3.
+    saved = checkpoint.checkpoint_epochs(run.checkpoints)
+    assert max(saved) == 3 and len(saved) <= 2
+    state = checkpoint.load(saved[3])
+    assert state["epoch"] == 3 and state["class_names"] == ["circle", "square", "triangle", "star"]
+    assert from_dict(state["config"]) == cfg
+    for rel in manifest["paths"].values():
+        assert (run.path / rel).exists(), rel
+    assert from_dict(yaml.safe_load(run.config.read_text())) == cfg
+
+
+def test_local_mode_runs_in_process_and_keeps_checkpoints(ray_local, tmp_path):
+    cfg = from_dict(small_config(tmp_path, train={"epochs": 2}))
+    run = run_train(cfg, local=True)
+
+    history = read_metrics(run.metrics)
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[0]["worker_nodes"] == [history[0]["worker_nodes"][0]]
+    saved = checkpoint.checkpoint_epochs(run.checkpoints)
+    assert checkpoint.load(saved[max(saved)])["epoch"] == 2
+    assert (run.plots / "curves.png").stat().st_size > 0
+
+
+def _train_command(storage: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "raycv", "train", str(REPO / "configs" / "smoke.yaml"),
+        f"run.storage={storage}", "train.epochs=4", "scaling.num_workers=1",
+        "data.shapes.num_images=400", *extra,
+    ]  # fmt: skip
+
+
+def test_driver_killed_mid_run_resumes_from_saved_epoch(tmp_path):
+    """Kill the whole driver process group after epoch 2 is saved; --resume finishes the
+    run from there with the right epoch count and an unbroken metrics history."""
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    first = subprocess.Popen(
+        _train_command(tmp_path), env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    metrics = _wait_for_epoch(tmp_path, first, epoch=2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = read_metrics(metrics)
+    assert before and before[-1]["epoch"] < 4
+
+    resumed = subprocess.run(
+        [*_train_command(tmp_path), "--resume"], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run_dir = Path(resumed.stdout.strip().splitlines()[-1])
+    assert run_dir == metrics.parent
+    after = read_metrics(metrics)
+    assert [m["epoch"] for m in after] == [1, 2, 3, 4]
+    # Epochs finished before the kill are not trained again.
+    saved_epoch = max(m["epoch"] for m in before)
+    for old, new in zip(before[:saved_epoch], after[:saved_epoch]):
+        assert old["epoch_started_at"] == new["epoch_started_at"]
+    assert checkpoint.load(checkpoint.checkpoint_epochs(run_dir / "checkpoints")[4])["epoch"] == 4
+
+
+def _wait_for_epoch(storage: Path, proc: subprocess.Popen, epoch: int, timeout: float = 420):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list(storage.glob("smoke/train-*/metrics.jsonl"))
+        if found and len(read_metrics(found[0])) >= epoch:
+            return found[0]
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"epoch {epoch} was not reported within {timeout} s")
