@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycv.cli import build_parser
+from raycv.cli import build_parser, main
 from raycv.config import Config, ConfigError, dump_config, from_dict, load_config
 from raycv.models import MODELS
 
@@ -319,13 +319,30 @@ def test_cli_help_mentions_every_option(command, tmp_path):
     result = raycv(*command.split(), "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: raycv {command} ")
-    parser = subparsers()[command]
-    names = [
-        opt for a in parser._actions for opt in (a.option_strings or [a.dest]) if opt != "help"
+    text = " ".join(result.stdout.split())  # help lines wrap at the terminal width
+    actions = [a for a in subparsers()[command]._actions if a.dest != "help"]
+    assert len(actions) >= 2
+    for action in actions:
+        for name in action.option_strings or [action.dest]:
+            assert name in text, f"{name} missing from `raycv {command} --help`"
+        assert " ".join(action.help.split()) in text
+
+
+def test_cli_in_process_reports_the_value_and_exits_2(tmp_path, shapes_cfg, capsys):
+    cfgfile = write_yaml(tmp_path / "cfg.yaml", shapes_cfg)
+    storage = tmp_path / "runs"
+    assert main(["train", str(cfgfile), "optimizer.lr=-1", f"run.storage={storage}"]) == 2
+    assert main(["data", "preview", str(cfgfile), "--count", "0"]) == 2
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        "error: optimizer.lr: Input should be greater than 0 (got -1)",
+        "error: --count must be at least 1 (got 0)",
+        f"error: config file '{tmp_path / 'missing.yaml'}' not found; "
+        "pass a YAML file such as configs/smoke.yaml",
     ]
-    assert len(names) >= 3
-    for name in names:
-        assert name in result.stdout, f"{name} missing from `raycv {command} --help`"
+    assert not storage.exists()
 
 
 def test_cli_unknown_flag_exits_2(tmp_path):

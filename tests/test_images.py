@@ -135,11 +135,6 @@ def test_decode_follows_exif_orientation():
     assert rotated[:5].mean() > 240 and rotated[-5:].mean() < 15
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="raycv bug: to_rgb composites alpha images onto a new image before "
-    "exif_transpose, which drops the EXIF orientation",
-)
 def test_decode_follows_exif_orientation_of_alpha_images():
     img = Image.new("RGBA", (60, 20), (0, 0, 0, 255))
     img.paste((255, 255, 255, 255), (0, 0, 30, 20))
@@ -149,11 +144,6 @@ def test_decode_follows_exif_orientation_of_alpha_images():
     assert rotated[:5].mean() > 240 and rotated[-5:].mean() < 15
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="raycv bug: 16-bit greyscale is converted to RGB by clipping at 255, not by "
-    "scaling, so every value above 255 of 65535 comes out white",
-)
 def test_decode_scales_16_bit_greyscale():
     mid_grey = 128 * 257  # 50 % in 16 bits
     image = decode(encode(Image.new("I;16", (30, 30), mid_grey), "PNG"), "grey16.png", SIZE)
@@ -350,11 +340,6 @@ def test_fail_mode_stops_on_the_bad_file(fail_mode_error):
     assert "not a readable image" in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="raycv bug: the BadImageError raised inside the Ray Data UDF reaches the driver as "
-    "RayTaskError(UserCodeException) with no BadImageError in its class or cause chain",
-)
 def test_fail_mode_error_is_a_bad_image_error(fail_mode_error):
     error, _ = fail_mode_error
     assert isinstance(error, BadImageError)

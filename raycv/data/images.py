@@ -14,7 +14,6 @@ from PIL import Image, ImageOps
 
 from raycv.errors import BadImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # A decompression bomb check that still admits large real photos (e.g. 20,000 px panoramas).
 Image.MAX_IMAGE_PIXELS = 400_000_000
 
@@ -23,6 +22,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """RGB for every mode; transparency is composited on white, not dropped to black."""
     if img.mode == "RGB":
         return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: scale, don't clip, to 8 bits
+        img = Image.fromarray((np.asarray(img, np.uint32) >> 8).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -40,7 +41,7 @@ def decode(data: bytes, path: str, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
-            img = ImageOps.exif_transpose(to_rgb(img))
+            img = to_rgb(ImageOps.exif_transpose(img))  # rotate first: to_rgb drops EXIF
             img.load()
     except Exception as e:  # PIL raises many types for broken files
         raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e

@@ -157,13 +157,13 @@ _LEVELS = {
     "hard": _Level(
         size=(0.18, 0.45),
         distractors=(1, 4),
-        contrast=(50, 110),
-        noise=14.0,
-        texture=30.0,
+        contrast=(60, 120),
+        noise=12.0,
+        texture=28.0,
         cells=(4, 8),
-        stripes=0.6,
+        stripes=0.5,
         stripe_cycles=(3, 8),
-        clutter_lines=(2, 5),
+        clutter_lines=(1, 4),
         min_visible=0.5,
     ),
 }
@@ -293,12 +293,14 @@ def _clutter(rng: np.random.Generator, size: int, base: np.ndarray, level: _Leve
     lines = []
     for _ in range(int(rng.integers(level.clutter_lines[0], level.clutter_lines[1] + 1))):
         half_length = rng.uniform(0.2, 0.6) * size
-        half_width = rng.uniform(0.5, 1.0)
+        half_width = rng.uniform(0.4, 0.8) * max(size / 64, 1.0)
         bar = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)]) * (1, half_width / half_length)
         centre = rng.uniform(0, size, size=2)
         angle = rng.uniform(0, 2 * np.pi)
         alpha = _coverage(((bar, True),), centre, half_length, angle, size)
-        lines.append(_Shape(-1, half_length, _contrasting(rng, base, level), alpha))
+        # Half an object's contrast: clutter should distract, not dominate.
+        colour = (base + _contrasting(rng, base, level)) / 2
+        lines.append(_Shape(-1, half_length, colour, alpha))
     return lines
 
 

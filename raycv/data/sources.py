@@ -92,25 +92,24 @@ class _Decode:
 
     class_index: dict[str, int]
     size: int
-    fail_on_bad: bool
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels, ok = [], [], []
+        # Never raise here: an exception leaves a Ray task as a generic UDF error that has
+        # lost the file name; bad rows are flagged and the driver decides.
+        images, labels, errors = [], [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             try:
                 images.append(decode(data, path, self.size))
-                ok.append(True)
-            except BadImageError:
-                if self.fail_on_bad:
-                    raise
+                errors.append("")
+            except BadImageError as e:
                 images.append(np.zeros((self.size, self.size, 3), np.uint8))
-                ok.append(False)
+                errors.append(str(e))
             labels.append(self.class_index[posixpath.basename(posixpath.dirname(path))])
         return {
             "image": np.stack(images),
             "label": np.asarray(labels, dtype=np.int64),
             "path": batch["path"],
-            "ok": np.asarray(ok),
+            "error": np.asarray(errors, dtype=object),
         }
 
 
@@ -134,11 +133,10 @@ def folder_source(cfg: Config) -> SourceData:
             [train_files[i] for i in train_idx],
             [train_files[i] for i in val_idx],
         )
-    decoder = _Decode(
-        {c: i for i, c in enumerate(classes)}, cfg.working_size, cfg.data.bad_images == "fail"
-    )
-    train, bad_train = _decoded(train_files, fs, decoder)
-    val, bad_val = _decoded(val_files, fs, decoder)
+    decoder = _Decode({c: i for i, c in enumerate(classes)}, cfg.working_size)
+    fail = cfg.data.bad_images == "fail"
+    train, bad_train = _decoded(train_files, fs, decoder, fail)
+    val, bad_val = _decoded(val_files, fs, decoder, fail)
     if bad_train or bad_val:
         log.warning(
             "skipped %d unreadable files, e.g. %s",
@@ -190,13 +188,16 @@ def _list_files(fs: pafs.FileSystem, directory: str, classes: list[str]) -> list
 
 
 def _decoded(
-    files: list[str], fs: pafs.FileSystem, decoder: _Decode
+    files: list[str], fs: pafs.FileSystem, decoder: _Decode, fail_on_bad: bool
 ) -> tuple[ray.data.Dataset, list[str]]:
     """Decode once and cache; return the good rows and the paths of the bad ones."""
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
     ds = ds.map_batches(decoder, batch_size=64).materialize()
-    bad = [
-        row["path"] for row in ds.filter(lambda r: not r["ok"]).select_columns(["path"]).take_all()
-    ]
-    good = ds.filter(lambda r: r["ok"]) if bad else ds
-    return good.drop_columns(["ok", "path"]).materialize(), bad
+    bad = ds.filter(lambda r: r["error"] != "").select_columns(["path", "error"]).take_all()
+    if bad and fail_on_bad:
+        raise BadImageError(
+            f"{bad[0]['error']} (data.bad_images=fail; set data.bad_images=skip to leave such "
+            "files out)"
+        )
+    good = ds.filter(lambda r: r["error"] == "") if bad else ds
+    return good.drop_columns(["error", "path"]).materialize(), [row["path"] for row in bad]
