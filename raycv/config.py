@@ -29,7 +29,7 @@ class Section(BaseModel):
 class ShapesConfig(Section):
     num_images: int = Field(2000, ge=10, description="images generated (train + val)")
     image_size: int = Field(64, ge=16, le=1024, description="side of each generated image")
-    num_classes: int = Field(6, ge=2, le=10, description="shape classes used")
+    num_classes: int = Field(6, ge=2, le=12, description="shape classes used")
     difficulty: Literal["easy", "medium", "hard"] = "easy"
     seed: int = 0
 

@@ -138,7 +138,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
     accum = cfg.train.grad_accum_steps
     batches = _batches(shard, cfg, device, train=True)
     meter = task.metrics()
-    waited = 0.0
+    waited, first_batch_s = 0.0, None
     started_at = time.time()  # wall clock: benchmarks measure start-up against it
     started = time.perf_counter()
     for _ in range(steps):
@@ -146,6 +146,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
             t0 = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - t0
+            first_batch_s = waited if first_batch_s is None else first_batch_s
             sync = micro == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():
                 loss, logits = _forward(model, task, batch, cfg, device)
@@ -166,6 +167,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
         "data_wait": waited / elapsed,
         "epoch_s": elapsed,
         "epoch_started_at": started_at,
+        "first_batch_s": first_batch_s,
     }
 
 

@@ -41,8 +41,13 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init()
         return
     # The dashboard stays on: Train's placement-group cleanup needs the State API it serves.
-    ray.init(num_cpus=local_cpus(cfg), dashboard_host="127.0.0.1", log_to_driver=True)
+    ray.init(
+        num_cpus=local_cpus(cfg),
+        dashboard_host="127.0.0.1",
+        # Ray Data's per-epoch "execution finished" lines would drown the progress lines.
+        runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}},
+    )
     log.info("started a local Ray with %s logical CPUs", local_cpus(cfg))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
+import yaml
 
 # Train's worker group can take minutes to start on a shared 2-core machine.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -61,3 +63,27 @@ def shapes_cfg() -> dict:
         "train": {"epochs": 1, "batch_size": 8},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
     }
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(storage: Path, **sections: dict) -> dict:
+    """configs/smoke.yaml with its run folders under ``storage`` and ``sections`` merged in."""
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["run"] = {"storage": str(storage)}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def smoke_at():
+    """``smoke_config`` itself, for module-scoped fixtures that pick their own folder."""
+    return smoke_config
+
+
+@pytest.fixture
+def smoke(tmp_path):
+    """Build a smoke config mapping whose run folders land in this test's tmp_path."""
+    return lambda **sections: smoke_config(tmp_path, **sections)

@@ -10,7 +10,6 @@ from raycv.config import from_dict
 from raycv.runs import read_metrics
 from raycv.session import quiet_data_progress
 from raycv.train import run_train
-from tests.test_train import small_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +27,9 @@ def two_nodes(tmp_path_factory):
     cluster.shutdown()
 
 
-def test_strict_spread_places_workers_on_different_nodes(two_nodes, tmp_path):
+def test_strict_spread_places_workers_on_different_nodes(two_nodes, smoke):
     cfg = from_dict(
-        small_config(
-            tmp_path,
+        smoke(
             train={"epochs": 1},
             scaling={"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
         )

@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from raycv import checkpoint
 from raycv.config import from_dict
+from raycv.evaluate import run_eval, run_preview
 from raycv.runs import read_metrics
 from raycv.train import run_train
 
@@ -23,19 +25,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_config(storage: Path, **sections) -> dict:
-    """Few enough images to train in seconds, enough steps to learn 4 easy classes."""
-    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    raw["run"] = {"storage": str(storage)}
-    for key, value in sections.items():
-        raw.setdefault(key, {}).update(value)
-    return raw
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, tmp_path_factory, smoke_at):
+    """One 2-worker DDP run shared by the tests that inspect its outputs."""
+    storage = tmp_path_factory.mktemp("ddp")
+    cfg = from_dict(smoke_at(storage, train={"epochs": 3}, scaling={"num_workers": 2}))
+    return cfg, run_train(cfg)
 
 
-def test_ddp_two_workers_learns_and_saves_everything(ray_local, tmp_path):
-    cfg = from_dict(small_config(tmp_path, train={"epochs": 3}, scaling={"num_workers": 2}))
-    run = run_train(cfg)
-
+def test_ddp_two_workers_learns_and_saves_everything(ddp_run):
+    cfg, run = ddp_run
     history = read_metrics(run.metrics)
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert len(history[-1]["worker_nodes"]) == 2
@@ -55,8 +54,29 @@ def test_ddp_two_workers_learns_and_saves_everything(ray_local, tmp_path):
     assert from_dict(yaml.safe_load(run.config.read_text())) == cfg
 
 
-def test_local_mode_runs_in_process_and_keeps_checkpoints(ray_local, tmp_path):
-    cfg = from_dict(small_config(tmp_path, train={"epochs": 2}))
+def test_eval_measures_the_best_checkpoint(ddp_run):
+    cfg, run = ddp_run
+    result = run_eval(str(run.path), [])
+    metrics = json.loads((result.path / "metrics.json").read_text())
+    best = json.loads(run.manifest.read_text())["metrics"]["best"]
+    matrix = np.array(metrics["confusion_matrix"])
+    # The same deterministic eval preset on the same split: the same accuracy, up to the
+    # rows an equal split over 2 workers drops.
+    assert matrix.sum() == round(cfg.data.shapes.num_images * cfg.data.val_fraction)
+    assert abs(metrics["acc"] - best["val_acc"]) <= 2 / matrix.sum()
+    assert metrics["acc"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert (result.plots / "confusion.png").stat().st_size > 0
+    assert json.loads(result.manifest.read_text())["parent"].endswith(f"epoch_{best['epoch']:04d}")
+
+
+def test_data_preview_writes_a_grid(ray_local, smoke):
+    result = run_preview(from_dict(smoke()), count=8)
+    assert (result.plots / "preview.png").stat().st_size > 10_000
+    assert json.loads(result.manifest.read_text())["kind"] == "preview"
+
+
+def test_local_mode_runs_in_process_and_keeps_checkpoints(ray_local, smoke):
+    cfg = from_dict(smoke(train={"epochs": 2}))
     run = run_train(cfg, local=True)
 
     history = read_metrics(run.metrics)

@@ -18,7 +18,7 @@ of the image side):
 * ``medium``: 25-55 %, stronger texture and noise, 0-2 distractors that may
   cover up to 30 % of the main shape.
 * ``hard``: 18-45 %, busy texture with stripes and clutter lines, low contrast,
-  1-4 distractors that may cover up to half of the main shape.
+  1-3 distractors that may cover up to half of the main shape.
 
 Boxes are ``xyxy`` in pixel-edge coordinates: a mask spanning columns ``x0..x1``
 has ``x_min = x0`` and ``x_max = x1 + 1``, so every box has a positive area.
@@ -130,14 +130,15 @@ class _Level:
 
 
 _LEVELS = {
+    # Easy is meant to be learnt from scratch in minutes on a CPU (the quickstart).
     "easy": _Level(
-        size=(0.35, 0.70),
+        size=(0.55, 0.85),
         distractors=(0, 0),
-        contrast=(120, 200),
-        noise=5.0,
-        texture=18.0,
-        cells=(2, 4),
-        stripes=0.25,
+        contrast=(150, 220),
+        noise=4.0,
+        texture=12.0,
+        cells=(2, 3),
+        stripes=0.0,
         stripe_cycles=(1.5, 4),
         clutter_lines=(0, 0),
         min_visible=1.0,
@@ -156,14 +157,14 @@ _LEVELS = {
     ),
     "hard": _Level(
         size=(0.18, 0.45),
-        distractors=(1, 4),
-        contrast=(60, 120),
-        noise=12.0,
-        texture=28.0,
+        distractors=(1, 3),
+        contrast=(70, 130),
+        noise=10.0,
+        texture=24.0,
         cells=(4, 8),
         stripes=0.5,
         stripe_cycles=(3, 8),
-        clutter_lines=(1, 4),
+        clutter_lines=(1, 3),
         min_visible=0.5,
     ),
 }

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray.data
 from PIL import Image
+from ray.data.expressions import col
 
 from raycv.config import Config
 from raycv.data import shapes
@@ -193,11 +194,15 @@ def _decoded(
     """Decode once and cache; return the good rows and the paths of the bad ones."""
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
     ds = ds.map_batches(decoder, batch_size=64).materialize()
-    bad = ds.filter(lambda r: r["error"] != "").select_columns(["path", "error"]).take_all()
+    bad = ds.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     if bad and fail_on_bad:
         raise BadImageError(
             f"{bad[0]['error']} (data.bad_images=fail; set data.bad_images=skip to leave such "
             "files out)"
         )
-    good = ds.filter(lambda r: r["error"] == "") if bad else ds
-    return good.drop_columns(["error", "path"]).materialize(), [row["path"] for row in bad]
+    # Dropping columns is a cheap lazy projection of the cache; filtering out bad rows is
+    # not, so only then is the result cached again.
+    good = ds.drop_columns(["error", "path"])
+    if bad:
+        good = ds.filter(expr=col("error") == "").drop_columns(["error", "path"]).materialize()
+    return good, [row["path"] for row in bad]
