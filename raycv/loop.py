@@ -53,7 +53,10 @@ class State:
         return {
             "model": checkpoint.unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            # The schedule itself is rebuilt from the config; its objects are not weights.
+            "scheduler": {
+                k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
+            },
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
             "class_names": info.class_names,
@@ -64,7 +67,8 @@ class State:
     def restore(self, saved: dict[str, Any]) -> int:
         checkpoint.unwrap(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        lambdas = [None] * len(self.scheduler.lr_lambdas)
+        self.scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": lambdas})
         self.scaler.load_state_dict(saved["scaler"])
         return int(saved["epoch"])
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,25 +31,33 @@ REPO = Path(__file__).resolve().parents[1]
 def ddp_run(ray_local, tmp_path_factory, smoke_at):
     """One 2-worker DDP run shared by the tests that inspect its outputs."""
     storage = tmp_path_factory.mktemp("ddp")
-    cfg = from_dict(smoke_at(storage, train={"epochs": 3}, scaling={"num_workers": 2}))
+    # ResNet-18 from scratch needs ~10k samples before it beats chance by a wide margin.
+    cfg = from_dict(
+        smoke_at(
+            storage,
+            data={"shapes": {"num_images": 3000, "image_size": 32, "num_classes": 4}},
+            train={"epochs": 5, "batch_size": 64},
+            scaling={"num_workers": 2},
+        )
+    )
     return cfg, run_train(cfg)
 
 
 def test_ddp_two_workers_learns_and_saves_everything(ddp_run):
     cfg, run = ddp_run
     history = read_metrics(run.metrics)
-    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]
     assert len(history[-1]["worker_nodes"]) == 2
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     manifest = json.loads(run.manifest.read_text())
     assert manifest["kind"] == "train" and manifest["status"] == "finished"
     chance = 1 / cfg.data.shapes.num_classes
     assert manifest["metrics"]["best"]["val_acc"] > chance + 0.3
-    # keep=1 latest plus the best: never more than two folders, the latest is epoch 3.
+    # keep=1 latest plus the best: never more than two folders, the latest is epoch 5.
     saved = checkpoint.checkpoint_epochs(run.checkpoints)
-    assert max(saved) == 3 and len(saved) <= 2
-    state = checkpoint.load(saved[3])
-    assert state["epoch"] == 3 and state["class_names"] == ["circle", "square", "triangle", "star"]
+    assert max(saved) == 5 and len(saved) <= 2
+    state = checkpoint.load(saved[5])
+    assert state["epoch"] == 5 and state["class_names"] == ["circle", "square", "triangle", "star"]
     assert from_dict(state["config"]) == cfg
     for rel in manifest["paths"].values():
         assert (run.path / rel).exists(), rel
@@ -98,12 +108,23 @@ def _train_command(storage: Path, *extra: str) -> list[str]:
 def test_driver_killed_mid_run_resumes_from_saved_epoch(tmp_path):
     """Kill the whole driver process group after epoch 2 is saved; --resume finishes the
     run from there with the right epoch count and an unbroken metrics history."""
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
-    first = subprocess.Popen(
-        _train_command(tmp_path), env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    metrics = _wait_for_epoch(tmp_path, first, epoch=2)
+    # A short Ray temp dir: its unix socket paths must stay under 107 characters.
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        _kill_and_resume(tmp_path, ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_and_resume(tmp_path: Path, ray_tmp: str) -> None:
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    log = tmp_path / "first.log"  # a file, not a pipe: nobody drains a pipe while we wait
+    with log.open("w") as out:
+        first = subprocess.Popen(
+            _train_command(tmp_path), env=env, start_new_session=True, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    metrics = _wait_for_epoch(tmp_path, first, epoch=2, log=log)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     before = read_metrics(metrics)
@@ -125,13 +146,15 @@ def test_driver_killed_mid_run_resumes_from_saved_epoch(tmp_path):
     assert checkpoint.load(checkpoint.checkpoint_epochs(run_dir / "checkpoints")[4])["epoch"] == 4
 
 
-def _wait_for_epoch(storage: Path, proc: subprocess.Popen, epoch: int, timeout: float = 420):
+def _wait_for_epoch(
+    storage: Path, proc: subprocess.Popen, epoch: int, log: Path, timeout: float = 420
+) -> Path:
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = list(storage.glob("smoke/train-*/metrics.jsonl"))
         if found and len(read_metrics(found[0])) >= epoch:
             return found[0]
         if proc.poll() is not None:
-            pytest.fail(f"training exited early:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"training exited early:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     pytest.fail(f"epoch {epoch} was not reported within {timeout} s")
