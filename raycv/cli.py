@@ -7,7 +7,7 @@ import logging
 import sys
 
 from raycv.config import ConfigError, load_config
-from raycv.errors import BadImageError, DataError
+from raycv.errors import BadImageError, DataError, RunFailedError
 
 log = logging.getLogger("raycv")
 
@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except _USER_ERRORS as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except RunFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(run.path)  # the last line of every command: where its results are
     return 0
 

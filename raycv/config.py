@@ -162,8 +162,9 @@ class Config(Section):
             )
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
-        from raycv.models import check_input_size
+        from raycv.models import check_input_size, check_weights
 
+        check_weights(self.model.name, self.model.weights)
         check_input_size(self.model.name, self.model.image_size, self.model.weights)
         if self.data.source == "folder":
             _check_folder_root(self.data.folder.root)

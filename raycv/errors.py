@@ -7,3 +7,7 @@ class DataError(ValueError):
 
 class BadImageError(ValueError):
     """A file that is not a readable image."""
+
+
+class RunFailedError(RuntimeError):
+    """Training stopped on an error after the run folder was made; finished epochs are kept."""

@@ -67,6 +67,22 @@ def check_input_size(name: str, image_size: int, weights: str | None = None) -> 
         )
 
 
+def check_weights(name: str, weights: str | None) -> None:
+    """Raise ValueError naming the valid choices when ``weights`` is not a weights name of
+    ``name`` (checked before Ray starts; the download itself happens on the workers)."""
+    if not weights or name not in MODELS:
+        return
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(MODELS.get(name).builder)
+    names = list(enum.__members__)  # includes the DEFAULT alias
+    if weights not in names and weights not in {f"{enum.__name__}.{n}" for n in names}:
+        raise ValueError(
+            f"model.weights={weights!r} is not a weights name of {name}; "
+            f"choose one of: {', '.join(names)}"
+        )
+
+
 def create_model(
     name: str, num_classes: int, weights: str | None = None, image_size: int | None = None
 ) -> nn.Module:

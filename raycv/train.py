@@ -16,6 +16,7 @@ from raycv import plots
 from raycv.checkpoint import checkpoint_epochs
 from raycv.config import Config, dump_config, load_config
 from raycv.data.pipeline import build_streams
+from raycv.errors import RunFailedError
 from raycv.loop import RunInfo, recorder, train_func
 from raycv.runs import MetricsRecorder, RunFolder, code_version, read_metrics, write_json
 from raycv.session import ensure_ray
@@ -79,8 +80,24 @@ def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = N
         ),
         datasets={"train": streams.train, "val": streams.val},
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        write_manifest(run, cfg, status="failed", extra={"error": _describe_failure(e)})
+        raise RunFailedError(
+            f"training failed: {_describe_failure(e)}; finished epochs are kept in {run.path} "
+            "(fix the cause, then add --resume)"
+        ) from e
     return finish(run, cfg, started, streams.skipped)
+
+
+def _describe_failure(error: Exception) -> str:
+    """The first line of the first worker's error, not Ray's multi-page wrapper."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or error.__cause__ or error
+    cause = getattr(cause, "cause", None) or cause
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def scaling_config(cfg: Config, local: bool) -> ScalingConfig:

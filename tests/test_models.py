@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from raycv.config import ConfigError, from_dict
 from raycv.models import (
     INCEPTION_AUX_MIN_SIZE,
     MODELS,
@@ -233,3 +234,26 @@ def test_model_with_replaced_head_predicts_the_new_classes():
     replace_heads(model, spec, 7)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_torchvision_weights_load_offline_from_the_torch_home_cache(tmp_path, monkeypatch):
+    """The real torchvision loading path, fed by a weights file written where torchvision's
+    cache expects it (no download): backbone weights arrive, the head is replaced."""
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    source = torchvision.models.resnet18(num_classes=1000)
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(source.state_dict(), cache / weights.url.rsplit("/", 1)[-1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    model = create_model("resnet18", num_classes=5, weights="IMAGENET1K_V1", image_size=64)
+
+    assert model.fc.out_features == 5
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def test_unknown_weights_name_is_refused_before_ray_starts():
+    with pytest.raises(ConfigError, match=r"model\.weights='NOPE'.*IMAGENET1K_V1"):
+        from_dict({"model": {"name": "resnet18", "weights": "NOPE"}})
