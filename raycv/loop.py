@@ -221,8 +221,9 @@ def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> No
     if info.local:
         # Ray's local mode keeps checkpoints in memory only: write them into the run folder.
         run = RunFolder(Path(info.run_dir))
-        checkpoint.save(_mkdir(run.checkpoints / name), saved)
-        recorder(cfg, run).record([metrics])
+        folder = _mkdir(run.checkpoints / name)
+        checkpoint.save(folder, saved)
+        recorder(cfg, run, prune=True).record([metrics], str(folder))
         ray.train.report(metrics)
         return
     if saved is None:
@@ -235,9 +236,9 @@ def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> No
         )
 
 
-def recorder(cfg: Config, run: RunFolder) -> MetricsRecorder:
+def recorder(cfg: Config, run: RunFolder, prune: bool = False) -> MetricsRecorder:
     c = cfg.checkpoint
-    return MetricsRecorder(run, cfg.train.epochs, c.keep, c.metric, c.mode)
+    return MetricsRecorder(run, cfg.train.epochs, c.keep, c.metric, c.mode, prune)
 
 
 def _mkdir(path: Path) -> Path:

@@ -69,6 +69,10 @@ class RunFolder:
         return self.path / "checkpoints"
 
     @property
+    def best(self) -> Path:
+        return self.path / "best"
+
+    @property
     def plots(self) -> Path:
         return self.path / "plots"
 
@@ -109,17 +113,23 @@ def code_version() -> str:
 @dataclass
 class MetricsRecorder:
     """Driver-side record of each epoch report: metrics.jsonl, TensorBoard, a progress line,
-    and checkpoint retention (the ``keep`` latest plus the best by ``metric``).
+    and a copy of the best checkpoint by ``metric`` in ``best/``.
 
-    It reads its state back from metrics.jsonl, so a resumed run continues the same history."""
+    Ray Train keeps the ``keep`` latest checkpoints itself (its resume refuses a run whose
+    tracked checkpoints were deleted behind its back), so the best one is copied out rather
+    than protected in place. In local mode Ray tracks nothing and ``prune`` keeps the
+    ``keep`` latest here. It reads its state back from metrics.jsonl, so a resumed run
+    continues the same history."""
 
     run: RunFolder
     epochs: int
     keep: int
     metric: str
     mode: str
+    prune: bool = False
 
-    def record(self, per_worker: list[dict[str, Any]]) -> None:
+    def record(self, per_worker: list[dict[str, Any]], saved: str | None = None) -> None:
+        """``saved``: the folder of the checkpoint reported with these metrics."""
         """Append rank 0's metrics (shared by all after the all-reduce), plus where each
         worker ran."""
         metrics = {k: v for k, v in per_worker[0].items() if k != "node"}
@@ -130,7 +140,11 @@ class MetricsRecorder:
         tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
         tmp.replace(self.run.metrics)
         self._tensorboard(metrics)
-        self._prune(history)
+        if saved and self.best(history) is metrics:
+            _replace_tree(Path(saved), self.run.best)
+        if self.prune:
+            for path in list(checkpoint_epochs(self.run.checkpoints).values())[: -self.keep]:
+                shutil.rmtree(path, ignore_errors=True)
         log.info(format_progress(metrics, self.epochs))
 
     def best(self, history: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -148,15 +162,17 @@ class MetricsRecorder:
                 if key != "epoch" and isinstance(value, (int, float)):
                     writer.add_scalar(key, value, metrics["epoch"])
 
-    def _prune(self, history: list[dict[str, Any]]) -> None:
-        best = self.best(history)
-        found = checkpoint_epochs(self.run.checkpoints)
-        keep = set(list(found)[-self.keep :])
-        if best:
-            keep.add(best["epoch"])
-        for epoch, path in found.items():
-            if epoch not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+
+def _replace_tree(source: Path, target: Path) -> None:
+    """Copy ``source`` over ``target`` so that a crash leaves the old or the new copy whole."""
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def format_progress(m: dict[str, Any], epochs: int) -> str:

@@ -33,7 +33,7 @@ class _RecordReports(ray.train.UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if not logging.getLogger("raycv").handlers:  # the controller is a fresh process
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-        self.recorder.record(metrics)
+        self.recorder.record(metrics, checkpoint.path if checkpoint else None)
 
 
 def prepare_run(cfg: Config, stage: str, resume: str | bool | None) -> tuple[Config, RunFolder]:
@@ -73,7 +73,7 @@ def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = N
         run_config=RunConfig(
             name="checkpoints",  # Ray's files land in <run folder>/checkpoints
             storage_path=str(run.path),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),  # MetricsRecorder prunes
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=[_RecordReports(recorder(cfg, run))],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
@@ -125,16 +125,16 @@ def finish(run: RunFolder, cfg: Config, started: float, skipped: list[str]) -> R
             "metrics": {"final": history[-1] if history else {}, "best": best or {}},
             "elapsed_s": round(time.time() - started, 1),
             "skipped_files": skipped,
-            "paths": _paths(run, best, curves),
+            "paths": _paths(run, curves),
         },
     )
     log.info("\n%s", summary_table(history, best, skipped))
     return run
 
 
-def _paths(run: RunFolder, best: dict | None, curves) -> dict[str, str | None]:
+def _paths(run: RunFolder, curves) -> dict[str, str | None]:
     saved = checkpoint_epochs(run.checkpoints)
-    best_dir = saved.get(best["epoch"]) if best else None
+    best_dir = run.best if (run.best / "checkpoint.pt").is_file() else None
     return {
         "config": run.config.name,
         "metrics": run.metrics.name,

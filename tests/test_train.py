@@ -53,9 +53,12 @@ def test_ddp_two_workers_learns_and_saves_everything(ddp_run):
     assert manifest["kind"] == "train" and manifest["status"] == "finished"
     chance = 1 / cfg.data.shapes.num_classes
     assert manifest["metrics"]["best"]["val_acc"] > chance + 0.3
-    # keep=1 latest plus the best: never more than two folders, the latest is epoch 5.
+    # keep=1: Ray keeps the latest checkpoint; the best one is copied to best/.
     saved = checkpoint.checkpoint_epochs(run.checkpoints)
-    assert max(saved) == 5 and len(saved) <= 2
+    assert list(saved) == [5]
+    best = manifest["metrics"]["best"]
+    assert checkpoint.load(run.best)["metrics"]["val_acc"] == best["val_acc"]
+    assert checkpoint.load(run.best)["epoch"] == best["epoch"]
     state = checkpoint.load(saved[5])
     assert state["epoch"] == 5 and state["class_names"] == ["circle", "square", "triangle", "star"]
     assert from_dict(state["config"]) == cfg
@@ -76,7 +79,7 @@ def test_eval_measures_the_best_checkpoint(ddp_run):
     assert abs(metrics["acc"] - best["val_acc"]) <= 2 / matrix.sum()
     assert metrics["acc"] == pytest.approx(np.trace(matrix) / matrix.sum())
     assert (result.plots / "confusion.png").stat().st_size > 0
-    assert json.loads(result.manifest.read_text())["parent"].endswith(f"epoch_{best['epoch']:04d}")
+    assert json.loads(result.manifest.read_text())["parent"] == str(run.best)
 
 
 def test_data_preview_writes_a_grid(ray_local, smoke):
