@@ -15,9 +15,8 @@ from raycv.data.augment import denormalize
 from raycv.data.pipeline import build_streams
 from raycv.errors import DataError
 from raycv.models import create_model
-from raycv.runs import RunFolder, write_json
+from raycv.runs import RunFolder, write_json, write_manifest
 from raycv.session import ensure_ray
-from raycv.train import write_manifest
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raycv import __version__
 from raycv.checkpoint import checkpoint_epochs
+
+if TYPE_CHECKING:
+    from raycv.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +192,27 @@ def format_progress(m: dict[str, Any], epochs: int) -> str:
         if key in m:
             parts.append(fmt.format(m[key]))
     return " | ".join(parts)
+
+
+def write_manifest(
+    run: RunFolder,
+    cfg: Config,
+    status: str,
+    extra: dict | None = None,
+    kind: str = "train",
+    parent: str | None = None,
+) -> None:
+    """What a run folder is, what produced it (config, code version, parent), and ``extra``
+    (metrics, paths, ...)."""
+    write_json(
+        run.manifest,
+        {
+            "kind": kind,
+            "status": status,
+            "parent": parent,
+            "code_version": code_version(),
+            "experiment": cfg.experiment,
+            "model": cfg.model.name,
+            **(extra or {}),
+        },
+    )

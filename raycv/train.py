@@ -18,7 +18,7 @@ from raycv.config import Config, dump_config, load_config
 from raycv.data.pipeline import build_streams
 from raycv.errors import RunFailedError
 from raycv.loop import RunInfo, recorder, train_func
-from raycv.runs import MetricsRecorder, RunFolder, code_version, read_metrics, write_json
+from raycv.runs import MetricsRecorder, RunFolder, read_metrics, write_manifest
 from raycv.session import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -143,28 +143,6 @@ def _paths(run: RunFolder, curves) -> dict[str, str | None]:
         "best_checkpoint": str(best_dir.relative_to(run.path)) if best_dir else None,
         "curves": str(curves.relative_to(run.path)) if curves else None,
     }
-
-
-def write_manifest(
-    run: RunFolder,
-    cfg: Config,
-    status: str,
-    extra: dict | None = None,
-    kind: str = "train",
-    parent: str | None = None,
-) -> None:
-    write_json(
-        run.manifest,
-        {
-            "kind": kind,
-            "status": status,
-            "parent": parent,
-            "code_version": code_version(),
-            "experiment": cfg.experiment,
-            "model": cfg.model.name,
-            **(extra or {}),
-        },
-    )
 
 
 def summary_table(history: list[dict[str, Any]], best: dict | None, skipped: list[str]) -> str:
