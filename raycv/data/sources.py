@@ -194,7 +194,8 @@ def _decoded(
     """Decode once and cache; return the good rows and the paths of the bad ones."""
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
     ds = ds.map_batches(decoder, batch_size=64).materialize()
-    bad = ds.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
+    # Project first: the filter then never moves the decoded pixels around.
+    bad = ds.select_columns(["path", "error"]).filter(expr=col("error") != "").take_all()
     if bad and fail_on_bad:
         raise BadImageError(
             f"{bad[0]['error']} (data.bad_images=fail; set data.bad_images=skip to leave such "
