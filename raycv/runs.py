@@ -132,9 +132,8 @@ class MetricsRecorder:
     prune: bool = False
 
     def record(self, per_worker: list[dict[str, Any]], saved: str | None = None) -> None:
-        """``saved``: the folder of the checkpoint reported with these metrics."""
-        """Append rank 0's metrics (shared by all after the all-reduce), plus where each
-        worker ran."""
+        """Append rank 0's metrics (shared by all after the all-reduce) and where each worker
+        ran; ``saved`` is the folder of the checkpoint reported with them."""
         metrics = {k: v for k, v in per_worker[0].items() if k != "node"}
         metrics["worker_nodes"] = [m.get("node") for m in per_worker]
         history = [m for m in read_metrics(self.run.metrics) if m["epoch"] < metrics["epoch"]]

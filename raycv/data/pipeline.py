@@ -9,7 +9,7 @@ import ray.data
 
 from raycv.config import Config
 from raycv.data.augment import build_preset
-from raycv.data.sources import SOURCES, SourceData
+from raycv.data.sources import SOURCES
 from raycv.errors import DataError
 
 AUGMENT_BATCH = 64  # large enough to amortise the fused warp, small enough to stream
@@ -23,12 +23,10 @@ class Streams:
     num_train: int
     num_val: int
     skipped: list[str]
-    source: SourceData
 
 
-def build_streams(cfg: Config, source: SourceData | None = None) -> Streams:
-    """Augmented train and eval streams; pass ``source`` to reuse already decoded data."""
-    source = source or SOURCES.get(cfg.data.source)(cfg)
+def build_streams(cfg: Config) -> Streams:
+    source = SOURCES.get(cfg.data.source)(cfg)
     num_train, num_val = source.train.count(), source.val.count()
     if num_train == 0 or num_val == 0:
         raise DataError(f"no readable images left (train {num_train}, val {num_val}); check data.*")
@@ -45,4 +43,4 @@ def build_streams(cfg: Config, source: SourceData | None = None) -> Streams:
     val = source.val.map_batches(
         build_preset(aug.eval_preset, aug, size), batch_size=AUGMENT_BATCH, batch_format="numpy"
     )
-    return Streams(train, val, source.class_names, num_train, num_val, source.skipped, source)
+    return Streams(train, val, source.class_names, num_train, num_val, source.skipped)
