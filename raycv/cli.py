@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = args.handler(args)
     except KeyboardInterrupt:
-        print("interrupted: finished epochs are saved; add --resume to continue", file=sys.stderr)
+        print(
+            "interrupted: finished epochs and trials are saved; add --resume to continue",
+            file=sys.stderr,
+        )
         return 130
     except _USER_ERRORS as e:
         print(f"error: {_first_line(e)}", file=sys.stderr)
@@ -65,16 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the loop in this process (no worker processes; breakpoints work)",
     )
-    train.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="RUN",
-        help="continue a run from its last checkpoint: the newest train run of "
+    _add_resume(
+        train,
+        "continue a run from its last checkpoint: the newest train run of "
         "this experiment, or the run folder/name given",
     )
     train.set_defaults(handler=_train)
+
+    tune = sub.add_parser(
+        "tune",
+        help="a Ray Tune sweep whose trials are Ray Train runs",
+        description="Search the config keys under tune.space (batch size, learning rate, "
+        "pruning ratio, ...) with Ray Tune; each trial is a Ray Train run. Writes "
+        "trials.csv/parquet, best.yaml, plots and summary.md into the sweep folder.",
+    )
+    tune.add_argument("config", help="YAML config with a tune section, e.g. configs/sweep.yaml")
+    tune.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_resume(
+        tune,
+        "continue an interrupted sweep (finished trials are not run again): the "
+        "newest tune run of this experiment, or the sweep folder/name given",
+    )
+    tune.set_defaults(handler=_tune)
 
     ev = sub.add_parser(
         "eval",
@@ -106,11 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_resume(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="RUN", help=help_text
+    )
+
+
 def _train(args):
     from raycv.train import run_train
 
     cfg = load_config(args.config, args.overrides)
     return run_train(cfg, local=args.local, resume=args.resume)
+
+
+def _tune(args):
+    from raycv.sweep.run import run_tune
+
+    return run_tune(load_config(args.config, args.overrides), resume=args.resume)
 
 
 def _eval(args):

@@ -132,6 +132,91 @@ class CheckpointConfig(Section):
     mode: Literal["max", "min"] = "max"
 
 
+class PruneConfig(Section):
+    method: str = Field("channel", description="registered pruner (see raycv.pruning.PRUNERS)")
+    ratio: float = Field(
+        0.0, ge=0, lt=1, description="share of channels (channel) or weights removed; 0 = off"
+    )
+    importance: Literal["l1", "l2"] = Field("l1", description="magnitude norm ranking channels")
+    global_pruning: bool = Field(
+        False, description="rank channels across layers instead of the same ratio per layer"
+    )
+    round_to: int = Field(8, ge=1, description="kept channel counts are multiples of this")
+
+
+class SpaceEntry(Section):
+    """One searched key: exactly one of the sampling kinds."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = Field(None, description="integers in [low, high)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SpaceEntry:
+        given = [k for k, v in self if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of choice, grid, uniform, loguniform, randint (got {given})"
+            )
+        kind, value = given[0], getattr(self, given[0])
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs low < high, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform needs 0 < low, got {list(value)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, v in self if v is not None)
+
+    @property
+    def values(self) -> Any:
+        return getattr(self, self.kind)
+
+
+class TrialSchedulerConfig(Section):
+    name: str = Field("asha", description="asha (early stopping) or fifo (full budget)")
+    grace_period: int = Field(1, ge=1, description="asha: epochs every trial gets")
+    reduction_factor: float = Field(3.0, gt=1, description="asha: keep 1/factor at each rung")
+
+
+class ObjectiveConfig(Section):
+    kind: str = Field("single", description="single, constraint or pareto")
+    metric: str = Field("val_acc", description="the quality metric")
+    mode: Literal["max", "min"] = "max"
+    cost: Literal["macs", "latency_ms", "params"] = Field(
+        "macs", description="constraint / second objective (always minimised)"
+    )
+    budget: float | None = Field(None, gt=0, description="constraint: cost must stay at or below")
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(8, ge=1, description="trials (grid: repeats of the grid)")
+    searcher: str = Field("optuna", description="optuna (TPE), random or grid")
+    scheduler: TrialSchedulerConfig = TrialSchedulerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="default: as many as the cluster's CPUs/GPUs fit"
+    )
+    max_retries: int = Field(1, ge=0, description="re-runs of a failed trial before it counts")
+    seed: int = 0
+    space: dict[str, SpaceEntry] = Field(
+        default_factory=dict, description="dotted config key -> sampling, e.g. optimizer.lr"
+    )
+
+    @model_validator(mode="after")
+    def _objective(self) -> TuneConfig:
+        if self.objective.kind == "constraint" and self.objective.budget is None:
+            raise ValueError(
+                "objective.kind=constraint needs objective.budget (the largest allowed cost)"
+            )
+        return self
+
+
 class RunConfig(Section):
     storage: str = Field("runs", description="root of run folders: local path or pyarrow URI")
     max_failures: int = Field(0, ge=-1, description="worker-failure restarts (-1: forever)")
@@ -149,6 +234,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    prune: PruneConfig = PruneConfig()
+    tune: TuneConfig = TuneConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
@@ -165,6 +252,10 @@ class Config(Section):
         from raycv.models import check_input_size, check_weights
 
         check_weights(self.model.name, self.model.weights)
+        if self.prune.ratio > 0:
+            from raycv.pruning import check_prunable
+
+            check_prunable(self.model.name, self.prune.method)
         check_input_size(self.model.name, self.model.image_size, self.model.weights)
         if self.data.source == "folder":
             _check_folder_root(self.data.folder.root)
@@ -181,6 +272,9 @@ def _check_names(cfg: Config) -> None:
     from raycv.data.sources import SOURCES
     from raycv.models import MODELS
     from raycv.optim import OPTIMIZERS, SCHEDULERS
+    from raycv.pruning import PRUNERS
+    from raycv.sweep.objective import OBJECTIVES
+    from raycv.sweep.strategy import SEARCHERS, TRIAL_SCHEDULERS
     from raycv.tasks import TASKS
 
     for key, value, registry in (
@@ -191,6 +285,10 @@ def _check_names(cfg: Config) -> None:
         ("model.name", cfg.model.name, MODELS),
         ("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
         ("scheduler.name", cfg.scheduler.name, SCHEDULERS),
+        ("prune.method", cfg.prune.method, PRUNERS),
+        ("tune.searcher", cfg.tune.searcher, SEARCHERS),
+        ("tune.scheduler.name", cfg.tune.scheduler.name, TRIAL_SCHEDULERS),
+        ("tune.objective.kind", cfg.tune.objective.kind, OBJECTIVES),
     ):
         if value not in registry:
             raise ValueError(f"{key}={value!r} is unknown; choose one of: {', '.join(registry)}")

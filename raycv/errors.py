@@ -11,3 +11,7 @@ class BadImageError(ValueError):
 
 class RunFailedError(RuntimeError):
     """Training stopped on an error after the run folder was made; finished epochs are kept."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training diverged (usually a learning rate too high)."""

@@ -15,6 +15,7 @@ from raycv.data.augment import denormalize
 from raycv.data.pipeline import build_streams
 from raycv.errors import DataError
 from raycv.models import create_model
+from raycv.pruning import fit_to_state_dict
 from raycv.runs import RunFolder, write_json, write_manifest
 from raycv.session import ensure_ray
 
@@ -51,7 +52,7 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
             f"the data has {len(streams.class_names)}; evaluate on data with the same class folders"
         )
     model = create_model(cfg.model.name, len(streams.class_names), None, cfg.model.image_size)
-    model.load_state_dict(saved["model"])
+    fit_to_state_dict(model, saved["model"])  # a pruned checkpoint has narrower layers
     matrix = confusion(model, streams.val, len(streams.class_names), cfg.train.batch_size)
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "eval")
     run.config.write_text(dump_config(cfg))

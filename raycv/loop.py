@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raycv import checkpoint
+from raycv import checkpoint, model_stats
 from raycv.config import Config
+from raycv.errors import NonFiniteLossError
 from raycv.models import create_model
 from raycv.optim import build_optimizer, build_scheduler, scaled_lr
+from raycv.pruning import PRUNERS, prune_model
 from raycv.runs import MetricsRecorder, RunFolder
 from raycv.tasks import TASKS
 
@@ -84,17 +86,20 @@ def train_func(payload: dict[str, Any]) -> None:
     info = RunInfo(**payload["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
-    # 1. Model, wrapped in DDP by Ray Train (gloo on CPU, NCCL on GPU).
-    model = create_model(
-        cfg.model.name, len(info.class_names), cfg.model.weights, cfg.model.image_size
-    )
+    # 1. Model (pruned as configured), wrapped in DDP by Ray Train (gloo on CPU, NCCL on GPU).
+    model = build_model(cfg, len(info.class_names))
+    # What the model costs, measured once before training (rank 0 alone, so that the
+    # latency is not timed while another worker competes for the same cores).
+    stats = model_stats.as_metrics(model_stats.measure(model, cfg.model.image_size))
+    stats = stats if rank == 0 else {}
+    torch.manual_seed(cfg.seed + rank)  # after building: every rank must build the same model
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     state = _build_state(model, cfg, info, world, device)
+    PRUNERS.get(cfg.prune.method).attach(checkpoint.unwrap(model), state.optimizer)
 
     # 2. Restore: Ray hands back the latest reported checkpoint after a restart or resume.
     start_epoch = _restore(state, info)
@@ -109,9 +114,18 @@ def train_func(payload: dict[str, Any]) -> None:
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps)
         metrics |= evaluate(model, task, val_shard, cfg, device)
-        metrics = {"epoch": epoch, **metrics, "node": ray.get_runtime_context().get_node_id()}
+        node = ray.get_runtime_context().get_node_id()
+        metrics = {"epoch": epoch, **metrics, **stats, "node": node}
         # 4. Report from every worker; rank 0 alone attaches the checkpoint.
         _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
+
+
+def build_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The configured model, pruned at ``prune.ratio``. Seeded, so that every worker (and a
+    resumed run) builds the same weights and therefore prunes the same channels."""
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, num_classes, cfg.model.weights, cfg.model.image_size)
+    return prune_model(model, cfg.model.name, cfg.prune, cfg.model.image_size)
 
 
 def _build_state(model: nn.Module, cfg: Config, info: RunInfo, world: int, device) -> State:
@@ -145,7 +159,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
     waited, first_batch_s = 0.0, None
     started_at = time.time()  # wall clock: benchmarks measure start-up against it
     started = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         for micro in range(accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -154,6 +168,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
             sync = micro == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():
                 loss, logits = _forward(model, task, batch, cfg, device)
+                _check_finite(loss, step, cfg)
                 state.scaler.scale(loss / accum).backward()
             meter.update(loss.detach(), logits.detach(), task.targets(batch))
         state.scaler.step(state.optimizer)
@@ -173,6 +188,15 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
         "epoch_started_at": started_at,
         "first_batch_s": first_batch_s,
     }
+
+
+def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
+    # fp16 overflows are the GradScaler's business; anything else non-finite is divergence.
+    if cfg.train.precision != "fp16" and not torch.isfinite(loss.detach()):
+        raise NonFiniteLossError(
+            f"the loss became {loss.item()} at step {step + 1}: training diverged; lower "
+            f"optimizer.lr (now {cfg.optimizer.lr:g}) and resume or start again"
+        )
 
 
 @torch.no_grad()

@@ -58,6 +58,46 @@ def image_grid(images: np.ndarray, titles: list[str], out: Path, columns: int = 
     return _save(fig, out)
 
 
+def sweep_curves(histories: dict[str, list[dict[str, Any]]], metric: str, out: Path) -> Path:
+    """``metric`` per epoch, one line per trial: early-stopped trials end early."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for trial_id, history in histories.items():
+        points = [(m["epoch"], m[metric]) for m in history if metric in m]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, alpha=0.8, label=trial_id)
+    ax.set(title=f"{metric} of every trial", xlabel="epoch", ylabel=metric)
+    ax.grid(alpha=0.3)
+    if 0 < len(histories) <= 12:
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def metric_against(xs: list, ys: list, xlabel: str, ylabel: str, out: Path) -> Path:
+    """A scatter of one value against another, trials without a value left out."""
+    points = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if points:
+        ax.scatter(*zip(*points))
+    ax.set(title=f"{ylabel} against {xlabel}", xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def pareto(costs: list, values: list, front: list[bool], cost: str, metric: str, out: Path) -> Path:
+    """Every trial's cost and metric; the Pareto front drawn as a step line."""
+    points = [(c, v, f) for c, v, f in zip(costs, values, front) if c is not None and v is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if points:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="grey", label="trials")
+        on = sorted((c, v) for c, v, f in points if f)
+        if on:
+            ax.step(*zip(*on), where="post", color="C3", marker="o", label="Pareto front")
+    ax.set(title=f"{metric} against {cost}", xlabel=cost, ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -35,19 +35,27 @@ def quiet_data_progress() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def ensure_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local one (idempotent)."""
+def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local one (idempotent) with
+    ``num_cpus`` logical CPUs (default: ``local_cpus``)."""
     quiet_data_progress()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
+    num_cpus = num_cpus or local_cpus(cfg)
     # The dashboard stays on: Train's placement-group cleanup needs the State API it serves.
     ray.init(
-        num_cpus=local_cpus(cfg),
+        num_cpus=num_cpus,
         dashboard_host="127.0.0.1",
-        # Ray Data's per-epoch "execution finished" lines would drown the progress lines.
-        runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}},
+        # Ray Data's per-epoch "execution finished" lines, and Ray's own deprecation
+        # warnings from inside its actors, would drown the progress lines.
+        runtime_env={
+            "env_vars": {
+                "RAY_DATA_LOG_LEVEL": "WARNING",
+                "PYTHONWARNINGS": "ignore::DeprecationWarning",
+            }
+        },
     )
-    log.info("started a local Ray with %s logical CPUs", local_cpus(cfg))
+    log.info("started a local Ray with %s logical CPUs", num_cpus)

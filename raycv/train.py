@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -27,11 +28,13 @@ log = logging.getLogger(__name__)
 class _RecordReports(ray.train.UserCallback):
     """Runs on the Train controller: records each epoch that the workers report."""
 
-    def __init__(self, recorder: MetricsRecorder) -> None:
+    def __init__(self, recorder: MetricsRecorder, progress: bool = True) -> None:
         self.recorder = recorder
+        self.progress = progress
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not logging.getLogger("raycv").handlers:  # the controller is a fresh process
+        # The controller is a fresh process; sweep trials stay quiet (the trial table speaks).
+        if self.progress and not logging.getLogger("raycv").handlers:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
         self.recorder.record(metrics, checkpoint.path if checkpoint else None)
 
@@ -56,16 +59,34 @@ def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = N
     started = time.time()
     log.info("run folder: %s", run.path)
     ensure_ray(cfg)
+    skipped = fit(cfg, run, local=local)
+    return finish(run, cfg, started, skipped)
+
+
+def fit(
+    cfg: Config,
+    run: RunFolder,
+    *,
+    local: bool = False,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    progress: bool = True,
+    kind: str = "train",
+) -> list[str]:
+    """Fit one TorchTrainer whose files land in ``run``; returns the unreadable files skipped.
+
+    Raises RunFailedError (one line, with the fix) when the workers fail for good."""
     streams = build_streams(cfg)
     info = RunInfo(str(run.path), streams.class_names, streams.num_train, local)
-    log.info(
-        "data: %d train / %d val images, %d classes, %d unreadable files skipped",
-        streams.num_train,
-        streams.num_val,
-        len(streams.class_names),
-        len(streams.skipped),
-    )
-    write_manifest(run, cfg, status="running", extra={"skipped_files": streams.skipped})
+    if progress:
+        log.info(
+            "data: %d train / %d val images, %d classes, %d unreadable files skipped",
+            streams.num_train,
+            streams.num_val,
+            len(streams.class_names),
+            len(streams.skipped),
+        )
+    extra = {"skipped_files": streams.skipped}
+    write_manifest(run, cfg, status="running", extra=extra, kind=kind)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run": asdict(info)},
@@ -75,7 +96,7 @@ def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = N
             storage_path=str(run.path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=[_RecordReports(recorder(cfg, run))],
+            callbacks=[_RecordReports(recorder(cfg, run), progress), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
         ),
         datasets={"train": streams.train, "val": streams.val},
@@ -83,15 +104,16 @@ def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = N
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        write_manifest(run, cfg, status="failed", extra={"error": _describe_failure(e)})
+        reason = describe_failure(e)
+        write_manifest(run, cfg, status="failed", extra={**extra, "error": reason}, kind=kind)
         raise RunFailedError(
-            f"training failed: {_describe_failure(e)}; finished epochs are kept in {run.path} "
+            f"training failed: {reason}; finished epochs are kept in {run.path} "
             "(fix the cause, then add --resume)"
         ) from e
-    return finish(run, cfg, started, streams.skipped)
+    return streams.skipped
 
 
-def _describe_failure(error: Exception) -> str:
+def describe_failure(error: Exception) -> str:
     """The first line of the first worker's error, not Ray's multi-page wrapper."""
     failures = getattr(error, "worker_failures", None) or {}
     cause = next(iter(failures.values()), None) or error.__cause__ or error
@@ -113,7 +135,16 @@ def scaling_config(cfg: Config, local: bool) -> ScalingConfig:
     )
 
 
-def finish(run: RunFolder, cfg: Config, started: float, skipped: list[str]) -> RunFolder:
+def finish(
+    run: RunFolder,
+    cfg: Config,
+    started: float,
+    skipped: list[str],
+    *,
+    kind: str = "train",
+    summary: bool = True,
+) -> RunFolder:
+    """Curves, the manifest with final and best metrics, and the summary table."""
     history = read_metrics(run.metrics)
     curves = plots.training_curves(history, run.plots / "curves.png") if history else None
     best = recorder(cfg, run).best(history)
@@ -127,8 +158,10 @@ def finish(run: RunFolder, cfg: Config, started: float, skipped: list[str]) -> R
             "skipped_files": skipped,
             "paths": _paths(run, curves),
         },
+        kind=kind,
     )
-    log.info("\n%s", summary_table(history, best, skipped))
+    if summary:
+        log.info("\n%s", summary_table(history, best, skipped))
     return run
 
 

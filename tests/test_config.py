@@ -311,10 +311,10 @@ def subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "") 
 
 
 def test_cli_commands_are_the_documented_ones():
-    assert sorted(subparsers()) == ["data preview", "eval", "train"]
+    assert sorted(subparsers()) == ["data preview", "eval", "train", "tune"]
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "data preview"])
+@pytest.mark.parametrize("command", ["train", "tune", "eval", "data preview"])
 def test_cli_help_mentions_every_option(command, tmp_path):
     result = raycv(*command.split(), "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -100,6 +100,24 @@ def test_local_mode_runs_in_process_and_keeps_checkpoints(ray_local, smoke):
     assert (run.plots / "curves.png").stat().st_size > 0
 
 
+def test_pruned_run_reports_smaller_model_and_its_checkpoint_evaluates(ray_local, smoke):
+    """prune.ratio in a plain training run: the model trains pruned, reports its smaller
+    size, and its checkpoint loads into a freshly built model for eval."""
+    cfg = from_dict(smoke(train={"epochs": 1}, prune={"method": "channel", "ratio": 0.5}))
+    run = run_train(cfg, local=True)
+    pruned = read_metrics(run.metrics)[-1]
+    dense = from_dict(smoke())
+    from raycv.loop import build_model
+    from raycv.model_stats import count_macs
+
+    full = build_model(dense, 4)
+    assert pruned["macs"] < 0.35 * count_macs(full, 32)
+    assert pruned["params"] < 0.35 * sum(p.numel() for p in full.parameters())
+    result = run_eval(str(run.path), [])
+    metrics = json.loads((result.path / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(pruned["val_acc"], abs=0.02)
+
+
 def _train_command(storage: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "raycv", "train", str(REPO / "configs" / "smoke.yaml"),
@@ -127,9 +145,11 @@ def _kill_and_resume(tmp_path: Path, ray_tmp: str) -> None:
             _train_command(tmp_path), env=env, start_new_session=True, stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-    metrics = _wait_for_epoch(tmp_path, first, epoch=2, log=log)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        metrics = _wait_for_epoch(tmp_path, first, epoch=2, log=log)
+    finally:  # also when the wait fails: no training may outlive the test
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     before = read_metrics(metrics)
     assert before and before[-1]["epoch"] < 4
 

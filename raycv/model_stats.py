@@ -1,0 +1,104 @@
+"""What a (pruned) model costs: parameters, nonzero parameters, multiply-accumulates and CPU
+latency for one image, flattened by ``as_metrics`` into the keys that training reports."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+# The layers whose count is multiply-accumulates. torch-pruning's counter also adds one op
+# per element of norm, activation and pooling layers (under 1% for our CNNs): not MACs.
+MAC_LAYERS = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int  # all parameters
+    nonzero_params: int  # parameters not exactly zero: the honest count after unstructured pruning
+    macs: int  # multiply-accumulates for one image (bias additions included)
+    latency_ms: float  # median CPU wall time of one forward pass
+    threads: int  # torch threads the latency was measured with
+
+
+def measure(
+    model: nn.Module,
+    image_size: int,
+    *,
+    latency_batch: int = 1,
+    threads: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> ModelStats:
+    """What ``model`` costs for ``image_size`` inputs; latency for ``latency_batch`` images."""
+    model = _on_cpu(model)
+    return ModelStats(
+        params=sum(p.numel() for p in model.parameters()),
+        nonzero_params=sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+        macs=count_macs(model, image_size),
+        latency_ms=latency_ms(model, image_size, latency_batch, threads, repeats, warmup),
+        threads=threads,
+    )
+
+
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-accumulates of one eval-mode forward pass over a square RGB image."""
+    model = _on_cpu(model)
+    example = torch.zeros(1, 3, image_size, image_size)
+    _, _, layer_ops, _ = tp.utils.count_ops_and_params(model, example, layer_wise=True)
+    # Layers inside a counted one (attention's out_proj) or never run map to None.
+    return int(
+        sum(ops for layer, ops in layer_ops.items() if isinstance(layer, MAC_LAYERS) and ops)
+    )
+
+
+def latency_ms(
+    model: nn.Module,
+    image_size: int,
+    batch: int = 1,
+    threads: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> float:
+    """Median CPU wall time, in ms, of one eval-mode forward pass over ``batch`` images, with
+    ``threads`` torch threads. The thread count and the model's mode are restored after."""
+    model = _on_cpu(model)
+    example = torch.zeros(batch, 3, image_size, image_size)
+    previous_threads, was_training = torch.get_num_threads(), model.training
+    torch.set_num_threads(threads)
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(example)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(example)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return statistics.median(times) * 1000
+
+
+def as_metrics(stats: ModelStats) -> dict[str, float | int]:
+    """The flat keys reported with every epoch and shown in sweep tables."""
+    return {
+        "params": stats.params,
+        "nonzero_params": stats.nonzero_params,
+        "macs": stats.macs,
+        "latency_ms": stats.latency_ms,
+        "latency_threads": stats.threads,
+    }
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    # Costs are CPU costs; a model trained elsewhere is measured on a copy, left in place.
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return model if on_cpu else copy.deepcopy(model).cpu()

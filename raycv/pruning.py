@@ -1,0 +1,304 @@
+"""Pruning by name: ``PRUNERS`` maps a method to a pruner that shrinks a model once
+(``apply``) and keeps the result valid while it trains (``attach``). ``prune_model`` is the
+one entry point; ``fit_to_state_dict`` gives a freshly built model the shapes of a pruned
+one's saved weights, so that pruned checkpoints load with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.utils import prune
+
+from raycv.models import MODELS
+from raycv.registry import Registry
+
+if TYPE_CHECKING:  # config imports this module to validate prune.method
+    from raycv.config import PruneConfig
+
+log = logging.getLogger(__name__)
+
+
+class Pruner(Protocol):
+    def supports(self, model_name: str) -> bool:
+        """Whether this method prunes ``model_name`` correctly."""
+
+    def apply(
+        self,
+        model: nn.Module,
+        cfg: PruneConfig,
+        example_inputs: torch.Tensor,
+        protected: list[nn.Module],
+    ) -> nn.Module:
+        """Prune ``model`` (in place) at ``cfg.ratio``, leaving ``protected`` layers alone."""
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the pruning valid while ``optimizer`` trains ``model``."""
+
+
+PRUNERS: Registry[Pruner] = Registry("pruner")
+
+# Models whose channel-pruned forward runs and still outputs num_classes logits (checked by
+# tests/test_pruning.py). vit_b_16 is left out: torchvision's VisionTransformer reshapes its
+# patches with a fixed ``hidden_dim`` attribute and splits attention heads by the embedding
+# width, so removing embedding channels breaks its forward.
+CHANNEL_PRUNABLE: frozenset[str] = frozenset(
+    {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "vgg11_bn",
+        "vgg16_bn",
+        "mobilenet_v3_small",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "inception_v3",
+    }
+)
+IMPORTANCE_NORMS = {"l1": 1, "l2": 2}
+
+
+class _RoundedPruner(tp.pruner.BasePruner):
+    """torch-pruning's pruner, except that ``round_to`` never rounds a layer away."""
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        # torch-pruning rounds the kept count down to a multiple of round_to; below round_to
+        # that is 0 and it then skips the layer, so a higher ratio could leave a bigger model
+        # (resnet18 at ratio 0.9 kept its whole 64-channel stage). Keep round_to instead.
+        kept = current_channels - n_pruned
+        kept = max(kept - kept % round_to, min(round_to, current_channels))
+        return current_channels - kept
+
+
+def _forward_with_aux_heads(model: nn.Module, example_inputs: torch.Tensor) -> Any:
+    # torch-pruning traces in eval mode, where Inception skips its auxiliary head, so the
+    # channels feeding AuxLogits would be pruned upstream only. Flagging the top module alone
+    # as training runs that head while BatchNorm and Dropout below stay in eval mode.
+    was_training = model.training
+    model.training = True
+    try:
+        return model(example_inputs)
+    finally:
+        model.training = was_training
+
+
+class ChannelPruner:
+    """Structured pruning: removes whole channels, found through torch-pruning's dependency
+    graph together with the inputs of every layer that reads them, ranked by the L1 or L2
+    norm of their weights. The model really gets smaller and faster. One-shot."""
+
+    def supports(self, model_name: str) -> bool:
+        return model_name in CHANNEL_PRUNABLE
+
+    def apply(
+        self,
+        model: nn.Module,
+        cfg: PruneConfig,
+        example_inputs: torch.Tensor,
+        protected: list[nn.Module],
+    ) -> nn.Module:
+        was_training = model.training
+        with warnings.catch_warnings():
+            # ConvNeXt's layer_scale (C, 1, 1) is a bare parameter; torch-pruning prunes its
+            # last non-singleton dim, the right one, but warns about it on every build.
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = _RoundedPruner(
+                model,
+                example_inputs,
+                importance=tp.importance.MagnitudeImportance(p=IMPORTANCE_NORMS[cfg.importance]),
+                pruning_ratio=cfg.ratio,
+                global_pruning=cfg.global_pruning,
+                ignored_layers=protected,
+                round_to=cfg.round_to,
+                forward_fn=_forward_with_aux_heads,
+                # Fresh dicts: torch-pruning's defaults are shared mutable ones that it fills
+                # with this model's grouped layers, which would leak into the next pruner.
+                in_channel_groups={},
+                out_channel_groups={},
+            )
+        pruner.step()
+        model.train(was_training)  # tracing left the model in eval mode
+        return model
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Nothing to keep: the removed channels no longer exist."""
+
+
+class L1UnstructuredPruner:
+    """Unstructured pruning: zeroes the weights of smallest magnitude, ranked together across
+    all conv and linear layers but the heads. The tensors keep their shapes, so dense latency
+    and MACs are unchanged; only ``nonzero_params`` falls (the gain needs sparse kernels or
+    compression)."""
+
+    def supports(self, model_name: str) -> bool:
+        return True
+
+    def apply(
+        self,
+        model: nn.Module,
+        cfg: PruneConfig,
+        example_inputs: torch.Tensor,
+        protected: list[nn.Module],
+    ) -> nn.Module:
+        targets = [(layer, "weight") for layer in _weighted_layers(model, protected)]
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=cfg.ratio)
+        for layer, name in targets:
+            prune.remove(layer, name)  # plain ``weight`` again: no weight_orig/weight_mask
+        return model
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Re-zero, after every optimizer step, the conv and linear weights that are zero now.
+        The masks come from the weights themselves, so this holds after a checkpoint restore
+        too; momentum and weight decay would otherwise revive the pruned weights."""
+        masks = [(w, w == 0) for w in _weights(model) if not bool(w.all())]
+        if masks:
+            optimizer.register_step_post_hook(functools.partial(_rezero, masks))
+
+
+def _rezero(masks: list[tuple[torch.Tensor, torch.Tensor]], *_hook_args: Any) -> None:
+    with torch.no_grad():
+        for weight, zeros in masks:
+            weight.masked_fill_(zeros.to(weight.device), 0)
+
+
+def _weighted_layers(model: nn.Module, protected: Iterable[nn.Module]) -> list[nn.Module]:
+    skip = {id(m) for m in protected}
+    return [
+        m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in skip
+    ]
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in _weighted_layers(model, ())]
+
+
+PRUNERS.add("channel", ChannelPruner())
+PRUNERS.add("l1_unstructured", L1UnstructuredPruner())
+
+
+def check_prunable(model_name: str, method: str) -> None:
+    """Raise ValueError (one line, with the fix) when ``method`` cannot prune ``model_name``.
+    Only relevant when the ratio is (or may be searched) above 0."""
+    if method not in PRUNERS or model_name not in MODELS:
+        return  # the registry checks report unknown names
+    if PRUNERS.get(method).supports(model_name):
+        return
+    fixes = " or ".join(f"prune.method={n}" for n in PRUNERS if PRUNERS.get(n).supports(model_name))
+    raise ValueError(f"{method} pruning does not support {model_name}; use {fixes}")
+
+
+def protected_layers(model: nn.Module, model_name: str) -> list[nn.Module]:
+    """The class-mapping heads of ``model`` that exist (Inception's auxiliary one may not)."""
+    found = []
+    for path in MODELS.get(model_name).heads:
+        try:
+            found.append(model.get_submodule(path))
+        except AttributeError:
+            continue
+    return found
+
+
+def prune_model(model: nn.Module, model_name: str, cfg: PruneConfig, image_size: int) -> nn.Module:
+    """Prune ``model`` as ``cfg`` says; ratio 0 returns it untouched."""
+    if cfg.ratio == 0:
+        return model
+    check_prunable(model_name, cfg.method)
+    # Zeros: the pruners trace shapes and rank weights, and must not draw from the global RNG.
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    before = _count(model.parameters())
+    model = PRUNERS.get(cfg.method).apply(model, cfg, example, protected_layers(model, model_name))
+    log.info(
+        "pruned %s (%s, ratio %.2f): %d -> %d parameters, %d nonzero",
+        model_name,
+        cfg.method,
+        cfg.ratio,
+        before,
+        _count(model.parameters()),
+        sum(int(torch.count_nonzero(p)) for p in model.parameters()),
+    )
+    return model
+
+
+def _count(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+# ------------------------------------------------------------- loading pruned weights
+
+
+def fit_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Give a freshly built ``model`` the shapes saved in ``state_dict`` (of a channel-pruned
+    model), then load it strictly. An unpruned state dict loads as it always did.
+
+    Our own rather than ``tp.state_dict``/``tp.load_state_dict``: those pickle whole module
+    ``__dict__``s, which ``torch.load(..., weights_only=True)`` (our safety rule) refuses.
+    Call it before building the optimizer: resized parameters are new tensors.
+    """
+    for prefix, module in model.named_modules():
+        shapes = _changed_shapes(module, f"{prefix}." if prefix else "", state_dict)
+        if shapes:
+            _fit_attributes(module, shapes)  # reads the old sizes, so before the resize
+            _resize_tensors(module, shapes)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _changed_shapes(
+    module: nn.Module, prefix: str, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Size]:
+    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return {
+        name: state_dict[prefix + name].shape
+        for name, tensor in own
+        if prefix + name in state_dict and state_dict[prefix + name].shape != tensor.shape
+    }
+
+
+def _resize_tensors(module: nn.Module, shapes: dict[str, torch.Size]) -> None:
+    # Empty tensors of the saved shapes: load_state_dict fills them right after.
+    for name, shape in shapes.items():
+        old = getattr(module, name)
+        new = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(module, name, new)  # a buffer stays a (persistent) buffer
+
+
+@functools.singledispatch
+def _fit_attributes(module: nn.Module, shapes: dict[str, torch.Size]) -> None:
+    """Update the size attributes a module's forward reads. Modules without any (ConvNeXt's
+    block, whose ``layer_scale`` is a bare parameter) need only their tensors resized."""
+
+
+@_fit_attributes.register
+def _(module: nn.Conv2d, shapes: dict[str, torch.Size]) -> None:
+    out_channels, in_per_group = shapes.get("weight", module.weight.shape)[:2]
+    if module.groups == module.in_channels > 1:
+        # A depthwise conv stays depthwise: one group per (remaining) input channel.
+        multiplier = module.out_channels // module.in_channels
+        module.in_channels = module.groups = out_channels // multiplier
+    else:
+        module.in_channels = in_per_group * module.groups
+    module.out_channels = out_channels
+
+
+@_fit_attributes.register
+def _(module: nn.BatchNorm2d, shapes: dict[str, torch.Size]) -> None:
+    module.num_features = (shapes.get("running_mean") or shapes["weight"])[0]
+
+
+@_fit_attributes.register
+def _(module: nn.Linear, shapes: dict[str, torch.Size]) -> None:
+    module.out_features, module.in_features = shapes.get("weight", module.weight.shape)
+
+
+@_fit_attributes.register
+def _(module: nn.LayerNorm, shapes: dict[str, torch.Size]) -> None:
+    module.normalized_shape = tuple(shapes.get("weight") or shapes["bias"])

@@ -1,0 +1,124 @@
+"""A sweep whose driver is killed mid-way and resumed with --resume: finished trials are
+not run again. Its trials use two Train workers each, and sample the pruning ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raycv.runs import read_metrics
+
+RATIOS = [0.0, 0.25, 0.5]
+
+
+def _write_config(smoke_at, storage: Path) -> Path:
+    raw = smoke_at(
+        storage,
+        data={"shapes": {"num_images": 400, "image_size": 32, "num_classes": 4}},
+        train={"epochs": 2, "batch_size": 32},
+        scaling={"num_workers": 2, "cpus_per_worker": 1},
+    )
+    raw["tune"] = {
+        "searcher": "grid",
+        "num_samples": 1,
+        "scheduler": {"name": "fifo"},
+        "max_concurrent_trials": 1,  # one trial at a time: the kill lands between trials
+        "objective": {"kind": "pareto", "metric": "val_acc", "cost": "macs"},
+        "space": {"prune.ratio": {"grid": RATIOS}},
+    }
+    path = storage / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_sweep_killed_and_resumed_does_not_rerun_finished_trials(smoke_at, tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # unix socket paths stay short
+    try:
+        _kill_and_resume(_write_config(smoke_at, tmp_path), tmp_path, ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _kill_and_resume(config: Path, storage: Path, ray_tmp: str) -> None:
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    command = [sys.executable, "-m", "raycv", "tune", str(config)]
+    log = storage / "first.log"  # a file, not a pipe: nobody drains a pipe while we wait
+    with log.open("w") as out:
+        first = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+    # Kill once one trial has finished and the next has trained an epoch (by then Tune
+    # has saved its experiment state, which it does every 10 s at most).
+    try:
+        finished = _wait(
+            storage, first, log, lambda t: _count(t, "finished") >= 1 and _epochs(t) >= 3
+        )
+    finally:  # also when the wait fails: no sweep may outlive the test
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    done_before = {p.parent.name: p.read_text() for p in finished if _status(p) == "finished"}
+    assert done_before
+
+    resumed = subprocess.run(
+        [*command, "--resume"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    sweep_dir = Path(resumed.stdout.strip().splitlines()[-1])
+    trials = pd.read_csv(sweep_dir / "trials.csv").set_index("prune.ratio")
+    assert sorted(trials.index) == RATIOS and (trials.status == "finished").all()
+    # Finished trials were not run again: their manifests are byte for byte the same.
+    for trial_id, manifest in done_before.items():
+        assert (sweep_dir / "trials" / trial_id / "manifest.json").read_text() == manifest
+    # Every trial ran on two workers and trained exactly two epochs.
+    for trial_id in trials.trial_id:
+        history = read_metrics(sweep_dir / "trials" / trial_id / "metrics.jsonl")
+        assert [m["epoch"] for m in history] == [1, 2]
+        assert len(history[-1]["worker_nodes"]) == 2
+    # The sampled pruning ratio is real: parameters and MACs fall as it rises.
+    assert trials.macs.is_monotonic_decreasing and trials.params.is_monotonic_decreasing
+    assert trials.loc[0.5, "macs"] < 0.6 * trials.loc[0.0, "macs"]
+    # Pareto objective: the cheapest trial is always on the front; best is the front's top.
+    assert trials.loc[0.5, "pareto"]
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    front = trials[trials.pareto]
+    assert manifest["metrics"]["best"]["val_acc"] == pytest.approx(front.val_acc.max())
+
+
+def _wait(storage: Path, proc: subprocess.Popen, log: Path, ready, timeout: float = 600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        trials = list(storage.glob("smoke/tune-*/trials/*/manifest.json"))
+        if ready(trials):
+            return trials
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep exited early:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"no trial finished within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _status(manifest: Path) -> str | None:
+    try:
+        return json.loads(manifest.read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None  # being written
+
+
+def _count(manifests: list[Path], status: str) -> int:
+    return sum(_status(p) == status for p in manifests)
+
+
+def _epochs(manifests: list[Path]) -> int:
+    return sum(len(read_metrics(p.parent / "metrics.jsonl")) for p in manifests)
