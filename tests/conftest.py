@@ -15,9 +15,8 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
 @pytest.fixture(scope="module")
-def ray_local(request):
-    """Start a local Ray (4 logical CPUs, or the module's RAY_CPUS; dashboard on) for one
-    test module, then stop it.
+def ray_local():
+    """Start a local Ray (4 logical CPUs, dashboard on) for one test module, then stop it.
 
     Ray gets its own short temp dir: session paths hold unix sockets (107-char limit),
     and nothing of the run should land in the shared /tmp/ray.
@@ -33,7 +32,7 @@ def ray_local(request):
     os.environ["RAY_TMPDIR"] = temp_dir
     # The dashboard stays on (the default): Train's placement-group cleanup needs it.
     ray.init(
-        num_cpus=getattr(request.module, "RAY_CPUS", 4),
+        num_cpus=4,
         dashboard_host="127.0.0.1",
         _temp_dir=temp_dir,
     )

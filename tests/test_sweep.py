@@ -15,7 +15,6 @@ from raycv.runs import read_metrics
 from raycv.sweep.objective import make_objective, pareto_front
 from raycv.sweep.space import check_space
 
-RAY_CPUS = 5  # two one-worker trials at a time, each with a CPU left for its data
 GOOD_LR, TINY_LRS, DIVERGING_LR = 2.0e-3, [1.0e-6, 2.0e-6], 1.0e30
 
 
@@ -119,8 +118,13 @@ def sweep(ray_local, smoke_at, tmp_path_factory):
         searcher="grid",
         num_samples=1,
         max_retries=1,
+        # One at a time, in grid order: the good trial sets the first rung's bar, so the
+        # barely-moving ones that follow fall below it (concurrent trials could reach the
+        # rung first and pass it alone).
+        max_concurrent_trials=1,
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
     )
+    raw["data"]["shapes"]["num_images"] = 1200  # 60 steps an epoch: learning shows by epoch 1
     run = run_tune(from_dict(raw))
     return run, pd.read_csv(run.path / "trials.csv")
 

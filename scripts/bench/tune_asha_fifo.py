@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--difficulty", default="easy", help="shapes difficulty: easy (default), medium, hard"
     )
     p.add_argument("--seed", type=int, default=0, help="search seed shared by both sweeps")
+    p.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=3.0,
+        help="ASHA keeps 1/factor of the trials at each rung (default 3: rungs at 1, 3, 9)",
+    )
     p.add_argument("--storage", type=Path, default=None, help="sweep folders (default: a temp dir)")
     p.add_argument("--out", type=Path, default=results.default_out(__file__), help="JSON path")
     return p.parse_args(argv)
@@ -73,7 +79,7 @@ def sweep_config(args: argparse.Namespace, storage: Path, scheduler: str):
             f"tune.seed={args.seed}",
             f"tune.scheduler.name={scheduler}",
             "tune.scheduler.grace_period=1",
-            "tune.scheduler.reduction_factor=3",
+            f"tune.scheduler.reduction_factor={args.reduction_factor}",
             "tune.max_retries=0",
         ],
     )
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     print(results.header("ASHA vs FIFO, same search space", info))
     print(
         f"{args.samples} samples, {args.epochs} epochs budget, shapes {args.difficulty} "
-        f"({args.num_images} images)"
+        f"({args.num_images} images), ASHA reduction factor {args.reduction_factor:g}"
     )
     print(results.table(columns, rows))
     print(
