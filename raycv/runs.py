@@ -90,6 +90,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def best_of(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The row with the highest (``mode="max"``) or lowest ``metric``; rows without it, or
+    with None, are left out."""
+    scored = [r for r in rows if r.get(metric) is not None]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+
+
 def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -150,11 +159,7 @@ class MetricsRecorder:
         log.info(format_progress(metrics, self.epochs))
 
     def best(self, history: list[dict[str, Any]]) -> dict[str, Any] | None:
-        scored = [m for m in history if self.metric in m]
-        if not scored:
-            return None
-        pick = max if self.mode == "max" else min
-        return pick(scored, key=lambda m: m[self.metric])
+        return best_of(history, self.metric, self.mode)
 
     def _tensorboard(self, metrics: dict[str, Any]) -> None:
         from tensorboardX import SummaryWriter

@@ -8,6 +8,7 @@ from typing import Any
 
 from raycv.config import ObjectiveConfig
 from raycv.registry import Registry
+from raycv.runs import best_of
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
@@ -39,11 +40,7 @@ class Objective:
         return [r for r in rows if r.get(self.cfg.metric) is not None]
 
     def best(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        pool = self.candidates(rows)
-        if not pool:
-            return None
-        pick = max if self.cfg.mode == "max" else min
-        return pick(pool, key=lambda r: r[self.cfg.metric])
+        return best_of(self.candidates(rows), self.cfg.metric, self.cfg.mode)
 
 
 OBJECTIVES.add("single", Objective)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from raycv import plots
 from raycv.config import Config, dump_config, validate
-from raycv.runs import RunFolder, read_metrics, write_manifest
+from raycv.runs import RunFolder, best_of, read_metrics, write_manifest
 from raycv.sweep.objective import Objective, make_objective, pareto_front
 from raycv.sweep.space import apply_sample, flatten, flatten_to_nested
 from raycv.sweep.table import fmt
@@ -25,7 +25,9 @@ COSTS = ("params", "nonzero_params", "macs", "latency_ms")
 
 def write_results(run: RunFolder, cfg: Config, results, started: float) -> RunFolder:
     objective = make_objective(cfg.tune.objective)
-    rows = [trial_row(run, cfg, r) for r in results]
+    results = list(results)
+    histories = [read_metrics(trial_folder(run.path, Path(r.path).name).metrics) for r in results]
+    rows = [trial_row(run, cfg, r, h, objective) for r, h in zip(results, histories)]
     _mark_front(rows, objective)
     best = objective.best(rows)
     table = pd.DataFrame(rows)
@@ -34,7 +36,7 @@ def write_results(run: RunFolder, cfg: Config, results, started: float) -> RunFo
     if best:
         trial = validate(apply_sample(cfg.model_dump(mode="json"), _sample(best, cfg)))
         (run.path / "best.yaml").write_text(dump_config(trial))
-    paths = _plots(run, cfg, rows)
+    paths = _plots(run, cfg, rows, histories)
     unfinished = [r for r in rows if r["status"] == "unfinished"]
     status = "interrupted" if unfinished else "finished"
     (run.path / "summary.md").write_text(summary(cfg, rows, best, paths, status))
@@ -63,19 +65,19 @@ def write_results(run: RunFolder, cfg: Config, results, started: float) -> RunFo
     return run
 
 
-def trial_row(run: RunFolder, cfg: Config, result) -> dict[str, Any]:
+def trial_row(
+    run: RunFolder, cfg: Config, result, history: list[dict[str, Any]], objective: Objective
+) -> dict[str, Any]:
     """One trial: its sampled values, its best epoch's metrics, its costs, what it spent."""
     trial_id = Path(result.path).name
-    history = read_metrics(trial_folder(run.path, trial_id).metrics)
-    metric, mode = cfg.tune.objective.metric, cfg.tune.objective.mode
-    scored = [m for m in history if metric in m]
-    best = (max if mode == "max" else min)(scored, key=lambda m: m[metric]) if scored else {}
+    metric = cfg.tune.objective.metric
+    best = best_of(history, metric, cfg.tune.objective.mode) or {}
     last = history[-1] if history else {}
     seconds = (result.metrics or {}).get("time_total_s", 0.0)
     row: dict[str, Any] = {
         "trial_id": trial_id,
         "status": _status(result, last, cfg),
-        **{k: v for k, v in flatten(result.config or {}).items()},
+        **flatten(result.config or {}),
         "epochs": len(history),
         "best_epoch": best.get("epoch"),
         metric: best.get(metric),
@@ -86,7 +88,7 @@ def trial_row(run: RunFolder, cfg: Config, result) -> dict[str, Any]:
         "attempts": attempts(trial_folder(run.path, trial_id)),
         "failure": _reason(result.error) if result.error else None,
     }
-    return row | make_objective(cfg.tune.objective).extra(row)
+    return row | objective.extra(row)
 
 
 def _status(result, last: dict[str, Any], cfg: Config) -> str:
@@ -126,12 +128,12 @@ def _statuses(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({r["status"] for r in rows})
 
 
-def _plots(run: RunFolder, cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Path]:
+def _plots(
+    run: RunFolder, cfg: Config, rows: list[dict[str, Any]], histories: list[list[dict[str, Any]]]
+) -> dict[str, Path]:
     metric, cost = cfg.tune.objective.metric, cfg.tune.objective.cost
-    histories = {
-        r["trial_id"]: read_metrics(trial_folder(run.path, r["trial_id"]).metrics) for r in rows
-    }
-    out = {"curves": plots.sweep_curves(histories, metric, run.plots / "trial_curves.png")}
+    by_trial = {r["trial_id"]: h for r, h in zip(rows, histories)}
+    out = {"curves": plots.sweep_curves(by_trial, metric, run.plots / "trial_curves.png")}
     ratio_key = "prune.ratio"
     ratios = [r.get(ratio_key, cfg.prune.ratio) for r in rows]
     out["prune_ratio"] = plots.metric_against(
