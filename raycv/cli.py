@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from raycv.config import ConfigError, load_config
+from raycv.config import PIPELINE_STAGES, ConfigError, load_config, load_given, validate
 from raycv.errors import BadImageError, DataError, RunFailedError
 
 log = logging.getLogger("raycv")
@@ -16,7 +16,9 @@ OVERRIDES_HELP = "dotted config overrides, e.g. train.epochs=3 model.name=resnet
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our progress at INFO; other libraries (the ONNX exporter's passes, ...) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
     try:
         run = args.handler(args)
     except KeyboardInterrupt:
@@ -57,17 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raycv", description="Train, evaluate and inspect vision models on Ray."
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    for add in (_add_train, _add_tune, _add_finetune, _add_pipeline, _add_export, _add_predict):
+        add(sub)
+    _add_eval(sub)
+    _add_data(sub)
+    return parser
 
+
+def _add_config(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _add_local(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--local", action="store_true", help=help_text)
+
+
+def _add_resume(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="RUN", help=help_text
+    )
+
+
+def _add_train(sub) -> None:
     train = sub.add_parser(
         "train", help="one Ray Train run", description="Train a model with Ray Train."
     )
-    train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
-    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    train.add_argument(
-        "--local",
-        action="store_true",
-        help="run the loop in this process (no worker processes; breakpoints work)",
-    )
+    _add_config(train, "YAML config, e.g. configs/smoke.yaml")
+    _add_local(train, "run the loop in this process (no worker processes; breakpoints work)")
     _add_resume(
         train,
         "continue a run from its last checkpoint: the newest train run of "
@@ -75,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_train)
 
+
+def _add_tune(sub) -> None:
     tune = sub.add_parser(
         "tune",
         help="a Ray Tune sweep whose trials are Ray Train runs",
@@ -82,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pruning ratio, ...) with Ray Tune; each trial is a Ray Train run. Writes "
         "trials.csv/parquet, best.yaml, plots and summary.md into the sweep folder.",
     )
-    tune.add_argument("config", help="YAML config with a tune section, e.g. configs/sweep.yaml")
-    tune.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_config(tune, "YAML config with a tune section, e.g. configs/sweep.yaml")
     _add_resume(
         tune,
         "continue an interrupted sweep (finished trials are not run again): the "
@@ -91,6 +111,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.set_defaults(handler=_tune)
 
+
+def _add_finetune(sub) -> None:
+    finetune = sub.add_parser(
+        "finetune",
+        help="transfer learning from pretrained weights",
+        description="Fine-tune pretrained weights on the config's data: the heads are "
+        "replaced for the target classes, preprocessing follows the source unless the "
+        "config sets it, and finetune.strategy (full, linear_probe, gradual), "
+        "finetune.backbone_lr_factor / finetune.layer_decay and finetune.freeze_bn choose "
+        "what trains and how fast.",
+    )
+    _add_config(finetune, "YAML config of the target task")
+    finetune.add_argument(
+        "--from",
+        dest="source",
+        metavar="SOURCE",
+        help="torchvision weights name (ResNet50_Weights.IMAGENET1K_V2, or DEFAULT for "
+        "model.name's recommended weights; read from torchvision's cache offline), a raycv "
+        "run folder (train, tune, finetune or pipeline: its best model) or checkpoint, or a "
+        ".pt/.pth/.safetensors state dict (default: finetune.source of the config)",
+    )
+    _add_local(finetune, "run the loop in this process")
+    _add_resume(finetune, "continue the newest (or the named) finetune run")
+    finetune.set_defaults(handler=_finetune)
+
+
+def _add_pipeline(sub) -> None:
+    pipeline = sub.add_parser(
+        "pipeline",
+        help="the whole chain: pretrain, sweep, fine-tune, compress, export, report",
+        description="Run pretrain (pipeline.pretrain) -> sweep (tune.space) -> final "
+        "fine-tune with the best config, and the same budget from scratch -> compression "
+        "(pipeline.compress) -> export -> report, each stage a run folder inside the "
+        "pipeline folder. --resume skips finished stages and continues the interrupted one.",
+    )
+    _add_config(pipeline, "YAML config, e.g. configs/quickstart.yaml")
+    _add_local(
+        pipeline, "run the training stages in this process (sweep trials still use Ray Train)"
+    )
+    pipeline.add_argument(
+        "--until",
+        choices=PIPELINE_STAGES,
+        metavar="STAGE",
+        help=f"stop after this stage ({', '.join(PIPELINE_STAGES)}); --resume goes on from there",
+    )
+    _add_resume(pipeline, "continue the newest (or the named) pipeline run")
+    pipeline.set_defaults(handler=_pipeline)
+
+
+def _add_export(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="TorchScript, ONNX and a model card",
+        description="Export a trained model as TorchScript and ONNX (both checked against "
+        "PyTorch, ONNX with onnxruntime), plus its state dict and a model card.",
+    )
+    export.add_argument("artifact", help="a run folder (its best model) or checkpoint")
+    export.set_defaults(handler=_export)
+
+
+def _add_predict(sub) -> None:
+    predict = sub.add_parser(
+        "predict",
+        help="batch inference over images or folders",
+        description="Predict classes for images with Ray Data (an actor pool; GPU when "
+        "the cluster has one). Writes predictions.csv and .parquet; unreadable files are "
+        "reported, not fatal.",
+    )
+    predict.add_argument("artifact", help="a run folder, export folder or checkpoint")
+    predict.add_argument("paths", nargs="+", help="image files or folders")
+    predict.add_argument("--top-k", type=int, default=5, help="classes kept per image (5)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    predict.set_defaults(handler=_predict)
+
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint",
@@ -107,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(handler=_eval)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="inspect data", description="Inspect a config's data.")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
     preview = data_sub.add_parser(
@@ -114,17 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG grid of augmented training samples",
         description="Write a PNG grid of augmented training samples.",
     )
-    preview.add_argument("config", help="YAML config")
-    preview.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    _add_config(preview, "YAML config")
     preview.add_argument("--count", type=int, default=32, help="number of samples (default 32)")
     preview.set_defaults(handler=_preview)
-    return parser
-
-
-def _add_resume(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument(
-        "--resume", nargs="?", const=True, default=None, metavar="RUN", help=help_text
-    )
 
 
 def _train(args):
@@ -138,6 +228,35 @@ def _tune(args):
     from raycv.sweep.run import run_tune
 
     return run_tune(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _finetune(args):
+    from raycv.train import run_train
+
+    given = load_given(args.config, args.overrides)
+    if args.source:  # set as given: a path must not be parsed as YAML
+        given.setdefault("finetune", {})["source"] = args.source
+    return run_train(validate(given), local=args.local, resume=args.resume, stage="finetune")
+
+
+def _pipeline(args):
+    from raycv.pipeline import run_pipeline
+
+    given = load_given(args.config, args.overrides)
+    cfg = validate(given)
+    return run_pipeline(given, cfg, resume=args.resume, local=args.local, until=args.until)
+
+
+def _export(args):
+    from raycv.export import run_export
+
+    return run_export(args.artifact)
+
+
+def _predict(args):
+    from raycv.predict import run_predict
+
+    return run_predict(args.artifact, args.paths, top_k=args.top_k, batch_size=args.batch_size)
 
 
 def _eval(args):

@@ -29,9 +29,20 @@ class Section(BaseModel):
 class ShapesConfig(Section):
     num_images: int = Field(2000, ge=10, description="images generated (train + val)")
     image_size: int = Field(64, ge=16, le=1024, description="side of each generated image")
-    num_classes: int = Field(6, ge=2, le=12, description="shape classes used")
+    num_classes: int = Field(6, ge=2, le=12, description="shape classes used (the first N)")
+    classes: list[str] | None = Field(
+        None, description="shape classes by name, in label order (instead of num_classes)"
+    )
     difficulty: Literal["easy", "medium", "hard"] = "easy"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _classes(self) -> ShapesConfig:
+        if self.classes is not None:
+            from raycv.data.shapes import class_names
+
+            class_names(self.num_classes, self.classes)  # raises naming the valid shapes
+        return self
 
 
 class FolderConfig(Section):
@@ -144,6 +155,52 @@ class PruneConfig(Section):
     round_to: int = Field(8, ge=1, description="kept channel counts are multiples of this")
 
 
+class FinetuneConfig(Section):
+    source: str | None = Field(
+        None,
+        description="pretrained weights: a torchvision weights name (ResNet50_Weights.IMAGENET1K_V2"
+        " or DEFAULT), a raycv run folder or checkpoint, or a .pt/.pth/.safetensors state dict",
+    )
+    strategy: str = Field("full", description="full, linear_probe or gradual")
+    freeze_epochs: int = Field(1, ge=1, description="gradual: epochs the backbone stays frozen")
+    backbone_lr_factor: float = Field(
+        1.0, gt=0, le=1, description="backbone learning rate = head learning rate x this"
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise decay: the k-th block below the head gets lr x decay^k "
+        "(instead of backbone_lr_factor)",
+    )
+    freeze_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics fixed")
+
+
+class CompressStageConfig(Section):
+    prune_ratio: float = Field(
+        0.0, ge=0, lt=1, description="prune the fine-tuned model by this ratio; 0 = no stage"
+    )
+    method: str = Field("channel", description="registered pruner (see raycv.pruning.PRUNERS)")
+    epochs: int = Field(2, ge=1, description="fine-tuning epochs after pruning")
+
+
+PIPELINE_STAGES = ("pretrain", "tune", "finetune", "scratch", "compress", "export", "report")
+
+
+class PipelineConfig(Section):
+    pretrain: dict[str, Any] | None = Field(
+        None,
+        description="dotted overrides of this config that make a source task to pretrain on; "
+        "its model becomes finetune.source (none: use finetune.source as given)",
+    )
+    sweep: bool = Field(True, description="sweep tune.space on the target before fine-tuning")
+    scratch: bool = Field(
+        True, description="also train from scratch on the target with the same budget"
+    )
+    compress: CompressStageConfig = CompressStageConfig()
+    export: bool = Field(True, description="export TorchScript, ONNX and a model card")
+
+
 class SpaceEntry(Section):
     """One searched key: exactly one of the sampling kinds."""
 
@@ -235,7 +292,9 @@ class Config(Section):
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     prune: PruneConfig = PruneConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     tune: TuneConfig = TuneConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
@@ -259,6 +318,7 @@ class Config(Section):
         check_input_size(self.model.name, self.model.image_size, self.model.weights)
         if self.data.source == "folder":
             _check_folder_root(self.data.folder.root)
+        _check_finetune(self)
         return self
 
     @property
@@ -270,6 +330,7 @@ def _check_names(cfg: Config) -> None:
     # Imported here: the registries import torch, and config must load without it.
     from raycv.data.augment import AUGMENTATIONS
     from raycv.data.sources import SOURCES
+    from raycv.finetune.strategies import STRATEGIES
     from raycv.models import MODELS
     from raycv.optim import OPTIMIZERS, SCHEDULERS
     from raycv.pruning import PRUNERS
@@ -286,12 +347,33 @@ def _check_names(cfg: Config) -> None:
         ("optimizer.name", cfg.optimizer.name, OPTIMIZERS),
         ("scheduler.name", cfg.scheduler.name, SCHEDULERS),
         ("prune.method", cfg.prune.method, PRUNERS),
+        ("finetune.strategy", cfg.finetune.strategy, STRATEGIES),
+        ("pipeline.compress.method", cfg.pipeline.compress.method, PRUNERS),
         ("tune.searcher", cfg.tune.searcher, SEARCHERS),
         ("tune.scheduler.name", cfg.tune.scheduler.name, TRIAL_SCHEDULERS),
         ("tune.objective.kind", cfg.tune.objective.kind, OBJECTIVES),
     ):
         if value not in registry:
             raise ValueError(f"{key}={value!r} is unknown; choose one of: {', '.join(registry)}")
+
+
+def _check_finetune(cfg: Config) -> None:
+    f = cfg.finetune
+    if f.source and cfg.model.weights:
+        raise ValueError(
+            "set finetune.source or model.weights, not both (finetune.source also takes "
+            "torchvision weights names)"
+        )
+    if f.strategy != "full" and not f.source and cfg.pipeline.pretrain is None:
+        raise ValueError(
+            f"finetune.strategy={f.strategy} freezes a pretrained backbone: set "
+            "finetune.source (raycv finetune --from SOURCE) or pipeline.pretrain"
+        )
+    if f.strategy == "gradual" and f.freeze_epochs >= cfg.train.epochs:
+        raise ValueError(
+            f"finetune.freeze_epochs={f.freeze_epochs} leaves no epoch to unfreeze in; "
+            f"use fewer than train.epochs={cfg.train.epochs}"
+        )
 
 
 def _check_folder_root(root: str | None) -> None:
@@ -306,15 +388,25 @@ def _check_folder_root(root: str | None) -> None:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read YAML, apply ``a.b=value`` overrides, validate; raise ConfigError on any problem."""
-    return from_dict(_read_yaml(path) if path else {}, overrides)
+    return validate(load_given(path, overrides))
+
+
+def load_given(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The mapping as the user wrote it (YAML plus overrides), not yet validated: keys it
+    leaves out keep their "not set" status (a fine-tune source may fill them)."""
+    return with_overrides(_read_yaml(path) if path else {}, overrides)
 
 
 def from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     """Validate a config mapping (e.g. one saved in a checkpoint) after applying overrides."""
+    return validate(with_overrides(raw, overrides))
+
+
+def with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
     for item in overrides:
         _apply_override(raw, item)
-    return validate(raw)
+    return raw
 
 
 def validate(raw: dict[str, Any]) -> Config:

@@ -2,58 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from raycv import checkpoint, plots
-from raycv.config import Config, dump_config, from_dict
+from raycv import plots
+from raycv.artifacts import Trained, load_trained
+from raycv.config import AugmentConfig, Config, dump_config, from_dict
 from raycv.data.augment import denormalize
-from raycv.data.pipeline import build_streams
+from raycv.data.pipeline import Streams, build_streams
 from raycv.errors import DataError
-from raycv.models import create_model
-from raycv.pruning import fit_to_state_dict
 from raycv.runs import RunFolder, write_json, write_manifest
 from raycv.session import ensure_ray
 
 log = logging.getLogger(__name__)
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A run folder means its best checkpoint; anything else is a checkpoint folder or file."""
-    p = Path(path)
-    manifest = p / "manifest.json"
-    if manifest.is_file():
-        best = json.loads(manifest.read_text()).get("paths", {}).get("best_checkpoint")
-        if not best:
-            raise FileNotFoundError(
-                f"{p} has no finished checkpoint; train it first or pass checkpoints/epoch_*"
-            )
-        return p / best
-    if not p.exists():
-        raise FileNotFoundError(
-            f"{p} does not exist; pass a run folder or a checkpoints/epoch_* folder"
-        )
-    return p
-
-
 def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
-    source = resolve_checkpoint(checkpoint_path)
-    saved = checkpoint.load(source)
-    cfg = from_dict(saved["config"], overrides)
-    ensure_ray(cfg)
-    streams = build_streams(cfg)
-    if streams.class_names != saved["class_names"]:
-        raise DataError(
-            f"the checkpoint knows {len(saved['class_names'])} classes, "
-            f"the data has {len(streams.class_names)}; evaluate on data with the same class folders"
-        )
-    model = create_model(cfg.model.name, len(streams.class_names), None, cfg.model.image_size)
-    fit_to_state_dict(model, saved["model"])  # a pruned checkpoint has narrower layers
-    matrix = confusion(model, streams.val, len(streams.class_names), cfg.train.batch_size)
+    trained = load_trained(checkpoint_path)
+    cfg = from_dict(trained.config.model_dump(mode="json"), overrides)
+    streams = streams_for(trained, cfg)
+    matrix = confusion(trained.model, streams.val, len(streams.class_names), cfg.train.batch_size)
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "eval")
     run.config.write_text(dump_config(cfg))
     metrics = accuracy_report(matrix, streams.class_names)
@@ -65,7 +36,7 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
         "finished",
         {"metrics": metrics, "paths": {"confusion": "plots/confusion.png"}},
         kind="eval",
-        parent=str(source.resolve()),
+        parent=str(trained.checkpoint.resolve()),
     )
     width = max(map(len, streams.class_names))
     lines = [f"  {c.ljust(width)}  {a:.4f}" for c, a in metrics["per_class_acc"].items()]
@@ -73,14 +44,136 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
     return run
 
 
+def streams_for(trained: Trained, cfg: Config) -> Streams:
+    """Start or join Ray and build ``cfg``'s data, which must hold the classes the model
+    knows in the same order: a label index means the same class to both."""
+    ensure_ray(cfg)
+    streams = build_streams(cfg)
+    if streams.class_names != trained.class_names:
+        raise DataError(
+            f"the model knows classes {trained.class_names}, the data has "
+            f"{streams.class_names}; point data.* at data with the same class folders"
+        )
+    return streams
+
+
+@dataclass
+class Predictions:
+    """A model's outputs over a dataset, one row per image in the order the dataset yields them."""
+
+    labels: np.ndarray  # int64 (N,)
+    probs: np.ndarray  # float32 (N, C): softmax of the logits
+    # row -> uint8 (H, W, 3) display copy, for the rows kept for showing (see ``predictions``)
+    images: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """The probability of the predicted class."""
+        return self.probs.max(axis=1)
+
+    def confusion(self, num_classes: int) -> np.ndarray:
+        """Counts of (true, predicted) pairs: rows are true classes."""
+        matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        np.add.at(matrix, (self.labels, self.predicted), 1)
+        return matrix
+
+
+@dataclass(frozen=True)
+class Mistake:
+    index: int  # row in the dataset
+    true: str
+    predicted: str
+    score: float  # probability given to the wrong class
+    image: np.ndarray | None  # uint8 (H, W, 3) when ``predictions`` kept it
+
+
 @torch.no_grad()
-def confusion(model: torch.nn.Module, dataset, num_classes: int, batch_size: int) -> np.ndarray:
+def predictions(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int,
+    *,
+    augment: AugmentConfig | None = None,
+    keep_mistakes: int = 0,
+) -> Predictions:
+    """Run ``model`` over a stream of ``{"image": normalised float (N, 3, H, W), "label"}``
+    batches (``build_streams(cfg).val``) in one pass.
+
+    With ``augment`` (the config the stream was normalised with), display copies of the
+    ``keep_mistakes`` most confident wrong predictions are kept; only those, so memory stays
+    small on a large validation set."""
     model.eval()
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for batch in dataset.iter_torch_batches(batch_size=batch_size):
-        predicted = model(batch["image"]).argmax(dim=1).numpy()
-        np.add.at(matrix, (batch["label"].numpy(), predicted), 1)
-    return matrix
+    labels, probs = [], []
+    shown: dict[int, tuple[float, np.ndarray]] = {}
+    offset = 0
+    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        p = torch.softmax(model(torch.from_numpy(batch["image"])).float(), dim=1).numpy()
+        y = batch["label"].astype(np.int64)
+        labels.append(y)
+        probs.append(p)
+        if keep_mistakes and augment is not None:
+            _keep_confident_mistakes(shown, batch["image"], y, p, offset, keep_mistakes, augment)
+        offset += len(y)
+    if not labels:
+        return Predictions(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+    return Predictions(
+        np.concatenate(labels),
+        np.concatenate(probs).astype(np.float32),
+        {row: image for row, (_, image) in shown.items()},
+    )
+
+
+def _keep_confident_mistakes(
+    shown: dict[int, tuple[float, np.ndarray]],
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    offset: int,
+    keep: int,
+    augment: AugmentConfig,
+) -> None:
+    """Update ``shown`` (row -> (score, display image)) to the ``keep`` most confident
+    mistakes seen so far, denormalising only the images that make the cut."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    candidates = {offset + int(i): float(probs[i, predicted[i]]) for i in wrong}
+    ranked = sorted(
+        [(score, row) for row, (score, _) in shown.items()]
+        + [(score, row) for row, score in candidates.items()],
+        key=lambda sr: (-sr[0], sr[1]),
+    )[:keep]
+    new = [row for _, row in ranked if row in candidates]
+    pictures = denormalize(images[[row - offset for row in new]], augment) if new else []
+    winners = {row for _, row in ranked}
+    for row in [r for r in shown if r not in winners]:
+        del shown[row]
+    for row, picture in zip(new, pictures):
+        shown[row] = (candidates[row], picture)
+
+
+def worst_mistakes(preds: Predictions, class_names: list[str], k: int) -> list[Mistake]:
+    """The ``k`` wrong predictions given the highest probability, most confident first."""
+    predicted, confidence = preds.predicted, preds.confidence
+    wrong = np.flatnonzero(predicted != preds.labels)
+    order = wrong[np.lexsort((wrong, -confidence[wrong]))][:k]
+    return [
+        Mistake(
+            index=int(i),
+            true=class_names[preds.labels[i]],
+            predicted=class_names[predicted[i]],
+            score=float(confidence[i]),
+            image=preds.images.get(int(i)),
+        )
+        for i in order
+    ]
+
+
+def confusion(model: torch.nn.Module, dataset, num_classes: int, batch_size: int) -> np.ndarray:
+    return predictions(model, dataset, batch_size).confusion(num_classes)
 
 
 def accuracy_report(matrix: np.ndarray, class_names: list[str]) -> dict:

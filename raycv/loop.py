@@ -21,8 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from raycv import checkpoint, model_stats
+from raycv.checkpoint import unwrap as model_of
 from raycv.config import Config
 from raycv.errors import NonFiniteLossError
+from raycv.finetune.sources import load_source_weights
+from raycv.finetune.strategies import FineTuning
 from raycv.models import create_model
 from raycv.optim import build_optimizer, build_scheduler, scaled_lr
 from raycv.pruning import PRUNERS, prune_model
@@ -53,7 +56,7 @@ class State:
 
     def to_dict(self, epoch: int, cfg: Config, info: RunInfo, metrics: dict) -> dict[str, Any]:
         return {
-            "model": checkpoint.unwrap(self.model).state_dict(),
+            "model": model_of(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             # The schedule itself is rebuilt from the config; its objects are not weights.
             "scheduler": {
@@ -66,13 +69,12 @@ class State:
             "metrics": metrics,
         }
 
-    def restore(self, saved: dict[str, Any]) -> int:
-        checkpoint.unwrap(self.model).load_state_dict(saved["model"])
+    def restore(self, saved: dict[str, Any]) -> None:
+        model_of(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         lambdas = [None] * len(self.scheduler.lr_lambdas)
         self.scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": lambdas})
         self.scaler.load_state_dict(saved["scaler"])
-        return int(saved["epoch"])
 
 
 def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
@@ -82,13 +84,14 @@ def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
 
 
 def train_func(payload: dict[str, Any]) -> None:
+    _quiet_report_lines()
     cfg = Config.model_validate(payload["config"])
     info = RunInfo(**payload["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    # 1. Model (pruned as configured), wrapped in DDP by Ray Train (gloo on CPU, NCCL on GPU).
+    # 1. Model (from pretrained weights and pruned, as configured).
     model = build_model(cfg, len(info.class_names))
     # What the model costs, measured once before training (rank 0 alone, so that the
     # latency is not timed while another worker competes for the same cores).
@@ -97,12 +100,21 @@ def train_func(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)  # after building: every rank must build the same model
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    state = _build_state(model, cfg, info, world, device)
-    PRUNERS.get(cfg.prune.method).attach(checkpoint.unwrap(model), state.optimizer)
 
-    # 2. Restore: Ray hands back the latest reported checkpoint after a restart or resume.
-    start_epoch = _restore(state, info)
+    # 2. The last checkpoint: Ray hands it back after a restart or resume.
+    saved = _last_checkpoint(info)
+    start_epoch = int(saved["epoch"]) if saved else 0
+
+    # 3. Freeze what this epoch's fine-tune strategy freezes, then wrap in DDP (gloo on
+    # CPU, NCCL on GPU): DDP syncs only the parameters that train when it is built.
+    tuning = FineTuning(cfg)
+    frozen = tuning.frozen(start_epoch + 1)
+    tuning.set_trainable(model, frozen)
+    model = ray.train.torch.prepare_model(model)
+    state = _build_state(model, cfg, info, world, device, tuning.lr_scales(model_of(model)))
+    PRUNERS.get(cfg.prune.method).attach(model_of(model), state.optimizer)
+    if saved:
+        state.restore(saved)
     if cfg.train.compile and device.type == "cuda":
         model = torch.compile(model)
 
@@ -112,6 +124,11 @@ def train_func(payload: dict[str, Any]) -> None:
     task = TASKS.get(cfg.task)(len(info.class_names), cfg.train.label_smoothing)
     steps = steps_per_epoch(cfg, info.num_train, world)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        if tuning.frozen(epoch) != frozen:  # gradual unfreezing: the backbone joins in
+            frozen = tuning.frozen(epoch)
+            tuning.set_trainable(model_of(model), frozen)
+            model = state.model = ray.train.torch.prepare_model(model_of(model))
+        tuning.train_mode(model_of(model), frozen)
         metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps)
         metrics |= evaluate(model, task, val_shard, cfg, device)
         node = ray.get_runtime_context().get_node_id()
@@ -120,39 +137,52 @@ def train_func(payload: dict[str, Any]) -> None:
         _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train logs every report with all its metrics at INFO, from a logger named by its
+    file path that ``LoggingConfig`` does not reach; the controller prints our progress."""
+    from ray.train.v2._internal.execution import context
+
+    context.logger.setLevel(logging.WARNING)
+
+
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The configured model, pruned at ``prune.ratio``. Seeded, so that every worker (and a
-    resumed run) builds the same weights and therefore prunes the same channels."""
+    """The configured model, filled from ``finetune.source`` with fresh heads, then pruned
+    at ``prune.ratio``. Seeded, so that every worker (and a resumed run) builds the same
+    weights and therefore prunes the same channels."""
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes, cfg.model.weights, cfg.model.image_size)
+    if cfg.finetune.source:
+        load_source_weights(model, cfg, num_classes)
     return prune_model(model, cfg.model.name, cfg.prune, cfg.model.image_size)
 
 
-def _build_state(model: nn.Module, cfg: Config, info: RunInfo, world: int, device) -> State:
+def _build_state(
+    model: nn.Module, cfg: Config, info: RunInfo, world: int, device, lr_scales: dict[str, float]
+) -> State:
     global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
     lr = scaled_lr(cfg.optimizer.lr, cfg.train.lr_scaling, global_batch, cfg.train.base_batch_size)
-    optimizer = build_optimizer(model, cfg.optimizer, lr)
+    optimizer = build_optimizer(model_of(model), cfg.optimizer, lr, lr_scales)
     steps = steps_per_epoch(cfg, info.num_train, world)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     return State(model, optimizer, scheduler, scaler)
 
 
-def _restore(state: State, info: RunInfo) -> int:
-    """The epoch to continue after (0 for a fresh run)."""
+def _last_checkpoint(info: RunInfo) -> dict[str, Any] | None:
+    """The checkpoint to continue from (None for a fresh run)."""
     found = ray.train.get_checkpoint()
     if found is not None:
         with found.as_directory() as d:
-            return state.restore(checkpoint.load(d))
+            return checkpoint.load(d)
     if info.local:  # local mode persists its own checkpoints; Ray does not hand them back
         saved = checkpoint.checkpoint_epochs(RunFolder(Path(info.run_dir)).checkpoints)
         if saved:
-            return state.restore(checkpoint.load(saved[max(saved)]))
-    return 0
+            return checkpoint.load(saved[max(saved)])
+    return None
 
 
 def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps: int) -> dict:
-    model.train()
+    """One epoch of steps; the caller has put the model in training mode."""
     accum = cfg.train.grad_accum_steps
     batches = _batches(shard, cfg, device, train=True)
     meter = task.metrics()

@@ -107,8 +107,9 @@ def create_model(
     )
 
 
-def replace_heads(model: nn.Module, spec: ModelSpec, num_classes: int) -> None:
-    """Swap every class-mapping Linear layer for a fresh one with ``num_classes`` outputs."""
+def replace_heads(model: nn.Module, spec: ModelSpec, num_classes: int, fresh: bool = False) -> None:
+    """Swap every class-mapping Linear layer for a fresh one with ``num_classes`` outputs:
+    those of another class count, or all of them with ``fresh`` (a new task's classes)."""
     for path in spec.heads:
         parent_path, _, attr = path.rpartition(".")
         try:
@@ -116,5 +117,5 @@ def replace_heads(model: nn.Module, spec: ModelSpec, num_classes: int) -> None:
         except AttributeError:
             continue  # an optional head (Inception's auxiliary one) that was left out
         old = getattr(parent, attr, None)
-        if isinstance(old, nn.Linear) and old.out_features != num_classes:
+        if isinstance(old, nn.Linear) and (fresh or old.out_features != num_classes):
             setattr(parent, attr, nn.Linear(old.in_features, num_classes))

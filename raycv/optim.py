@@ -36,15 +36,21 @@ def _adam(groups: list[dict], cfg: OptimizerConfig, lr: float) -> torch.optim.Op
     return torch.optim.Adam(groups, lr=lr, betas=cfg.betas)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weights only: norm scales and biases (1-D tensors) get no weight decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """One group per (weight decay, learning rate): norm scales and biases (1-D tensors) get
+    no weight decay; ``lr_scales`` (parameter name -> factor) gives discriminative rates.
+    Frozen parameters are included: they take no step while they have no gradient, and
+    train at their group's rate once unfrozen."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        decay = 0.0 if p.ndim <= 1 else weight_decay
+        scale = (lr_scales or {}).get(name, 1.0)
+        groups.setdefault((decay, scale), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": decay, "lr": lr * scale}
+        for (decay, scale), params in sorted(groups.items(), key=lambda kv: -kv[0][1])
     ]
 
 
@@ -54,8 +60,12 @@ def scaled_lr(lr: float, rule: str, global_batch: int, base_batch: int) -> float
     return {"none": lr, "linear": lr * ratio, "sqrt": lr * math.sqrt(ratio)}[rule]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg.weight_decay), cfg, lr)
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, lr: float, lr_scales: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
+    """The first group has the highest learning rate (the head's, when rates differ)."""
+    groups = param_groups(model, cfg.weight_decay, lr, lr_scales)
+    return OPTIMIZERS.get(cfg.name)(groups, cfg, lr)
 
 
 @dataclass(frozen=True)

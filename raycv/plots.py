@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 
 def training_curves(history: list[dict[str, Any]], out: Path) -> Path:
@@ -95,6 +96,56 @@ def pareto(costs: list, values: list, front: list[bool], cost: str, metric: str,
     ax.set(title=f"{metric} against {cost}", xlabel=cost, ylabel=metric)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, out)
+
+
+def transfer_vs_scratch(
+    histories: dict[str, list[dict[str, Any]]], out: Path, metric: str = "val_acc"
+) -> Path:
+    """``metric`` per epoch, one line per run: the fine-tuned run against the one trained
+    from scratch (or any runs to compare)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, history in histories.items():
+        points = [(m["epoch"], m[metric]) for m in history if m.get(metric) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=4, label=label)
+    ax.set(title=f"{metric} per epoch", xlabel="epoch", ylabel=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if "acc" in metric:
+        ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, out)
+
+
+def compression_bars(
+    before: dict[str, float],
+    after: dict[str, float],
+    out: Path,
+    labels: tuple[str, str] = ("before", "after"),
+) -> Path:
+    """Each quantity in both ``before`` and ``after`` (params, MACs, latency, size, accuracy)
+    as a pair of bars relative to ``before``, the ratio written over the ``after`` bar."""
+    keys = [k for k in before if k in after and before[k] and after[k] is not None]
+    ratios = [after[k] / before[k] for k in keys]
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * max(len(keys), 1), 4.5))
+    ax.bar(x - 0.2, [1.0] * len(keys), width=0.4, color="C7", label=labels[0])
+    bars = ax.bar(x + 0.2, ratios, width=0.4, color="C0", label=labels[1])
+    for bar, ratio in zip(bars, ratios):
+        ax.annotate(
+            f"{ratio:.2f}x",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(x, keys)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set(title=f"{labels[1]} relative to {labels[0]}", ylabel="ratio")
+    ax.set_ylim(0, max([1.0, *ratios]) * 1.3)  # room for the legend above the bars
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper center", ncols=2)
     return _save(fig, out)
 
 

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -15,9 +16,10 @@ from ray.train.torch import TorchTrainer
 
 from raycv import plots
 from raycv.checkpoint import checkpoint_epochs
-from raycv.config import Config, dump_config, load_config
+from raycv.config import Config, ConfigError, dump_config, load_config
 from raycv.data.pipeline import build_streams
 from raycv.errors import RunFailedError
+from raycv.finetune.sources import apply_source
 from raycv.loop import RunInfo, recorder, train_func
 from raycv.runs import MetricsRecorder, RunFolder, read_metrics, write_manifest
 from raycv.session import ensure_ray
@@ -39,8 +41,18 @@ class _RecordReports(ray.train.UserCallback):
         self.recorder.record(metrics, checkpoint.path if checkpoint else None)
 
 
-def prepare_run(cfg: Config, stage: str, resume: str | bool | None) -> tuple[Config, RunFolder]:
-    """A new run folder, or the one being resumed (whose saved config wins)."""
+def prepare_run(
+    cfg: Config, stage: str, resume: str | bool | None, at: Path | None = None
+) -> tuple[Config, RunFolder]:
+    """A new run folder, or the one being resumed (whose saved config wins). ``at`` fixes
+    the folder (a pipeline's stage): started there before means resumed."""
+    if at is not None and (at / "config.yaml").is_file():
+        return load_config(at / "config.yaml"), RunFolder(at)
+    if at is not None:
+        at.mkdir(parents=True, exist_ok=True)
+        run = RunFolder(at)
+        run.config.write_text(dump_config(cfg))
+        return cfg, run
     if resume:
         run = RunFolder.find(
             cfg.run.storage, cfg.experiment, stage, None if resume is True else resume
@@ -54,13 +66,26 @@ def prepare_run(cfg: Config, stage: str, resume: str | bool | None) -> tuple[Con
     return cfg, run
 
 
-def run_train(cfg: Config, *, local: bool = False, resume: str | bool | None = None) -> RunFolder:
-    cfg, run = prepare_run(cfg, "train", resume)
+def run_train(
+    cfg: Config,
+    *,
+    local: bool = False,
+    resume: str | bool | None = None,
+    stage: str = "train",
+    at: Path | None = None,
+) -> RunFolder:
+    """A train run, or (``stage="finetune"``) a transfer-learning run from
+    ``finetune.source``: the same loop, with the source's weights and the strategy.
+    ``at``: the run folder (a pipeline's stage), resumed if it was started before."""
+    if stage == "finetune" and not cfg.finetune.source:
+        raise ConfigError("raycv finetune needs --from SOURCE (or finetune.source in the config)")
+    cfg = apply_source(cfg)  # before Ray starts: a bad source fails here, in one line
+    cfg, run = prepare_run(cfg, stage, resume, at)
     started = time.time()
     log.info("run folder: %s", run.path)
     ensure_ray(cfg)
-    skipped = fit(cfg, run, local=local)
-    return finish(run, cfg, started, skipped)
+    skipped = fit(cfg, run, local=local, kind=stage)
+    return finish(run, cfg, started, skipped, kind=stage)
 
 
 def fit(
@@ -86,7 +111,7 @@ def fit(
             len(streams.skipped),
         )
     extra = {"skipped_files": streams.skipped}
-    write_manifest(run, cfg, status="running", extra=extra, kind=kind)
+    write_manifest(run, cfg, "running", extra, kind, parent=cfg.finetune.source)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run": asdict(info)},
@@ -105,7 +130,8 @@ def fit(
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         reason = describe_failure(e)
-        write_manifest(run, cfg, status="failed", extra={**extra, "error": reason}, kind=kind)
+        failed = {**extra, "error": reason}
+        write_manifest(run, cfg, "failed", failed, kind, parent=cfg.finetune.source)
         raise RunFailedError(
             f"training failed: {reason}; finished epochs are kept in {run.path} "
             "(fix the cause, then add --resume)"
@@ -159,6 +185,7 @@ def finish(
             "paths": _paths(run, curves),
         },
         kind=kind,
+        parent=cfg.finetune.source,
     )
     if summary:
         log.info("\n%s", summary_table(history, best, skipped))

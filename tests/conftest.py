@@ -1,14 +1,23 @@
-"""Shared fixtures: a real local Ray per test module and a small valid config."""
+"""Shared fixtures: a real local Ray per test module, a small valid config, and a small
+really trained model saved as a checkpoint."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from raycv.config import Config
 
 # Train's worker group can take minutes to start on a shared 2-core machine.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -87,3 +96,71 @@ def smoke_at():
 def smoke(tmp_path):
     """Build a smoke config mapping whose run folders land in this test's tmp_path."""
     return lambda **sections: smoke_config(tmp_path, **sections)
+
+
+def _briefly_trained(cfg: Config, optimizer: Callable, steps: int = 4) -> nn.Module:
+    """A seeded model of ``cfg`` after ``steps`` batches of 16 rendered shapes, optimised by
+    ``optimizer(parameters)``: real BatchNorm statistics and predictions that vary."""
+    import torch
+    import torch.nn.functional as F
+
+    from raycv.data import shapes
+    from raycv.data.augment import build_preset
+    from raycv.models import create_model
+
+    torch.manual_seed(0)
+    s = cfg.data.shapes
+    classes = shapes.class_names(s.num_classes, s.classes)
+    model = create_model(cfg.model.name, len(classes), None, cfg.model.image_size)
+    samples = [
+        shapes.render(
+            i,
+            image_size=s.image_size,
+            num_classes=s.num_classes,
+            difficulty=s.difficulty,
+            seed=s.seed,
+            classes=s.classes,
+        )
+        for i in range(16 * steps)
+    ]
+    preset = build_preset(cfg.augment.eval_preset, cfg.augment, cfg.model.image_size)
+    images = torch.from_numpy(preset({"image": np.stack([x["image"] for x in samples])})["image"])
+    labels = torch.tensor([x["label"] for x in samples])
+    opt = optimizer(model.parameters())
+    model.train()
+    for batch, target in zip(images.split(16), labels.split(16)):
+        opt.zero_grad()
+        F.cross_entropy(model(batch), target).backward()
+        opt.step()
+    return model.eval()
+
+
+def _save_checkpoint(folder: Path, cfg: Config, model: nn.Module, metrics: dict) -> Path:
+    """``model`` as a raycv checkpoint file in ``folder`` (made if missing), with the classes
+    of ``cfg``'s shapes, ``cfg`` itself and ``metrics``."""
+    from raycv import checkpoint
+    from raycv.data import shapes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    s = cfg.data.shapes
+    state = {
+        "model": model.state_dict(),
+        "class_names": shapes.class_names(s.num_classes, s.classes),
+        "config": cfg.model_dump(mode="json"),
+        "metrics": metrics,
+        "epoch": metrics["epoch"],
+    }
+    return checkpoint.save(folder, state)
+
+
+@pytest.fixture(scope="session")
+def briefly_trained():
+    """``briefly_trained(cfg, optimizer, steps=4)``: a small really trained model (the
+    function itself, so module-scoped fixtures can call it)."""
+    return _briefly_trained
+
+
+@pytest.fixture(scope="session")
+def save_checkpoint():
+    """``save_checkpoint(folder, cfg, model, metrics)``: the checkpoint file written."""
+    return _save_checkpoint

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from raycv.config import from_dict
-from raycv.data.images import decode
+from raycv.data.images import decode, decode_batch
 from raycv.data.sources import SOURCES, SourceData, split_indices
 from raycv.errors import BadImageError
 
@@ -180,6 +180,19 @@ def test_truncated_jpeg_is_really_a_jpeg_cut_short():
     whole = encode(Image.new("RGB", (64, 64), RED), "JPEG")
     assert decode(whole, "whole.jpg", SIZE).shape == (SIZE, SIZE, 3)
     assert truncated_jpeg()[:3] == whole[:3] == b"\xff\xd8\xff"
+
+
+def test_decode_batch_flags_bad_files_with_a_zero_image():
+    red = encode(Image.new("RGB", (40, 30), RED), "PNG")
+    paths = ["/data/red.png", "/data/truncated.jpg", "/data/red again.png"]
+    images, errors = decode_batch([red, truncated_jpeg(), red], paths, SIZE)
+    assert images.shape == (3, SIZE, SIZE, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[[0, 2]], np.broadcast_to(RED, (2, SIZE, SIZE, 3)))
+    assert not images[1].any()
+    assert errors[0] == errors[2] == ""
+    assert errors[1].startswith("/data/truncated.jpg: not a readable image (")
+    empty, no_errors = decode_batch([], [], SIZE)
+    assert empty.shape == (0, SIZE, SIZE, 3) and len(no_errors) == 0
 
 
 # ------------------------------------------------------------------ folder source on Ray

@@ -79,7 +79,7 @@ def test_eval_measures_the_best_checkpoint(ddp_run):
     assert abs(metrics["acc"] - best["val_acc"]) <= 2 / matrix.sum()
     assert metrics["acc"] == pytest.approx(np.trace(matrix) / matrix.sum())
     assert (result.plots / "confusion.png").stat().st_size > 0
-    assert json.loads(result.manifest.read_text())["parent"] == str(run.best)
+    assert json.loads(result.manifest.read_text())["parent"] == str(run.best / "checkpoint.pt")
 
 
 def test_data_preview_writes_a_grid(ray_local, smoke):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -46,3 +47,21 @@ def decode(data: bytes, path: str, size: int) -> np.ndarray:
     except Exception as e:  # PIL raises many types for broken files
         raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def decode_batch(
+    datas: Sequence[bytes], paths: Sequence[str], size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a Ray Data batch of file bytes -> (uint8 (N, size, size, 3), error texts).
+
+    Never raises: an exception inside a Ray task surfaces as a generic task error that has
+    lost the file name, so a bad file becomes a zero image and its error text ("" when good)
+    and the caller decides whether to skip or stop."""
+    images = np.zeros((len(paths), size, size, 3), np.uint8)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, (data, path) in enumerate(zip(datas, paths)):
+        try:
+            images[i] = decode(data, path, size)
+        except BadImageError as e:
+            errors[i] = str(e)
+    return images, errors

@@ -28,6 +28,7 @@ This is ``torchvision.ops.masks_to_boxes`` plus one on ``x_max`` and ``y_max``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,7 +189,7 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be in [2, {len(SHAPE_CLASSES)}], got {num_classes}")
 
 
-def _check_args(index: int, image_size: int, num_classes: int, difficulty: str, seed: int) -> None:
+def _check_args(index: int, image_size: int, difficulty: str, seed: int) -> None:
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
     if seed < 0:
@@ -197,13 +198,23 @@ def _check_args(index: int, image_size: int, num_classes: int, difficulty: str, 
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     if difficulty not in _LEVELS:
         raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
-    _check_num_classes(num_classes)
 
 
-def class_names(num_classes: int) -> list[str]:
-    """Names of the first ``num_classes`` shape classes, in label order."""
-    _check_num_classes(num_classes)
-    return list(SHAPE_CLASSES[:num_classes])
+def class_names(num_classes: int, classes: Sequence[str] | None = None) -> list[str]:
+    """Names of the classes in label order: ``classes`` when given (any subset of
+    ``SHAPE_CLASSES``, e.g. to pretrain on one family and transfer to another), else the
+    first ``num_classes``."""
+    if not classes:
+        _check_num_classes(num_classes)
+        return list(SHAPE_CLASSES[:num_classes])
+    unknown = [c for c in classes if c not in _OUTLINES]
+    if unknown:
+        raise ValueError(
+            f"unknown shape classes {unknown}; choose from: {', '.join(SHAPE_CLASSES)}"
+        )
+    if len(set(classes)) != len(classes) or len(classes) < 2:
+        raise ValueError(f"classes must name at least 2 different shapes, got {list(classes)}")
+    return list(classes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -281,11 +292,17 @@ def _coverage(outline: _Outline, centre: np.ndarray, radius: float, angle: float
 
 
 def _random_shape(
-    rng: np.random.Generator, label: int, radius: float, size: int, base: np.ndarray, level: _Level
+    rng: np.random.Generator,
+    label: int,
+    outline: _Outline,
+    radius: float,
+    size: int,
+    base: np.ndarray,
+    level: _Level,
 ) -> _Shape:
     centre = rng.uniform(radius, size - radius, size=2)
     angle = rng.uniform(0, 2 * np.pi)
-    alpha = _coverage(_OUTLINES[SHAPE_CLASSES[label]], centre, radius, angle, size)
+    alpha = _coverage(outline, centre, radius, angle, size)
     return _Shape(label, radius, _contrasting(rng, base, level), alpha)
 
 
@@ -313,7 +330,7 @@ def _leaves_main_visible(main: _Shape, covered: np.ndarray, level: _Level) -> bo
 def _stack(
     rng: np.random.Generator,
     main: _Shape,
-    num_classes: int,
+    outlines: list[_Outline],
     size: int,
     base: np.ndarray,
     level: _Level,
@@ -321,15 +338,15 @@ def _stack(
     """Main shape plus distractors, in drawing order (later ones cover earlier ones)."""
     below, above = [], []
     covered = np.zeros((size, size), bool)
-    others = [label for label in range(num_classes) if label != main.label]
+    others = [label for label in range(len(outlines)) if label != main.label]
     for _ in range(int(rng.integers(level.distractors[0], level.distractors[1] + 1))):
         label = int(rng.choice(others))
         radius = main.radius * rng.uniform(*_DISTRACTOR_SCALE)
         if rng.random() < 0.5:
-            below.append(_random_shape(rng, label, radius, size, base, level))
+            below.append(_random_shape(rng, label, outlines[label], radius, size, base, level))
             continue
         for _ in range(_PLACEMENT_TRIES):
-            shape = _random_shape(rng, label, radius, size, base, level)
+            shape = _random_shape(rng, label, outlines[label], radius, size, base, level)
             if _leaves_main_visible(main, covered | shape.drawn, level):
                 above.append(shape)
                 covered |= shape.drawn
@@ -376,18 +393,26 @@ def _annotations(stack: list[_Shape], main: _Shape) -> tuple[dict, np.ndarray]:
 
 
 def _render(
-    index: int, *, image_size: int, num_classes: int, difficulty: str, seed: int
+    index: int,
+    *,
+    image_size: int,
+    num_classes: int,
+    difficulty: str,
+    seed: int,
+    classes: Sequence[str] | None = None,
 ) -> tuple[dict, np.ndarray]:
     """``render`` plus each returned object's pixel count before occlusion (for tests)."""
-    _check_args(index, image_size, num_classes, difficulty, seed)
+    _check_args(index, image_size, difficulty, seed)
+    outlines = [_OUTLINES[name] for name in class_names(num_classes, classes)]
     level = _LEVELS[difficulty]
     rng = np.random.default_rng([seed, index])
     base = rng.uniform(30, 225, size=3).astype(np.float32)
     image = base + _texture(rng, image_size, level).transpose(1, 2, 0)
     _paint(image, _clutter(rng, image_size, base, level))
     radius = max(rng.uniform(*level.size) * image_size / 2, _MIN_RADIUS)
-    main = _random_shape(rng, int(rng.integers(num_classes)), radius, image_size, base, level)
-    stack = _stack(rng, main, num_classes, image_size, base, level)
+    label = int(rng.integers(len(outlines)))
+    main = _random_shape(rng, label, outlines[label], radius, image_size, base, level)
+    stack = _stack(rng, main, outlines, image_size, base, level)
     _paint(image, stack)
     image += rng.standard_normal(image.shape, dtype=np.float32) * level.noise
     pixels = np.clip(image + 0.5, 0, 255).astype(np.uint8)
@@ -395,15 +420,29 @@ def _render(
     return {"image": pixels, "label": main.label, **annotations}, drawn_area
 
 
-def render(index: int, *, image_size: int, num_classes: int, difficulty: str, seed: int) -> dict:
+def render(
+    index: int,
+    *,
+    image_size: int,
+    num_classes: int,
+    difficulty: str,
+    seed: int,
+    classes: Sequence[str] | None = None,
+) -> dict:
     """Sample ``index`` of the dataset fixed by ``seed``; a pure function of its arguments.
+    Labels index ``class_names(num_classes, classes)``.
 
     Returns ``image`` (H, W, 3) uint8, ``label`` (the main shape's class), ``boxes``
     (N, 4) float32 xyxy, ``labels`` (N,) int64 and ``masks`` (N, H, W) uint8 0/1 of
     visible pixels, for every drawn object with the main shape first.
     """
     sample, _ = _render(
-        index, image_size=image_size, num_classes=num_classes, difficulty=difficulty, seed=seed
+        index,
+        image_size=image_size,
+        num_classes=num_classes,
+        difficulty=difficulty,
+        seed=seed,
+        classes=classes,
     )
     return sample
 

@@ -17,7 +17,7 @@ from ray.data.expressions import col
 
 from raycv.config import Config
 from raycv.data import shapes
-from raycv.data.images import decode
+from raycv.data.images import decode_batch
 from raycv.errors import BadImageError, DataError
 from raycv.registry import Registry
 
@@ -68,6 +68,7 @@ def shapes_source(cfg: Config) -> SourceData:
         "num_classes": s.num_classes,
         "difficulty": s.difficulty,
         "seed": s.seed,
+        "classes": s.classes,
     }
     train_idx, val_idx = split_indices(s.num_images, cfg.data.val_fraction, cfg.data.split_seed)
 
@@ -75,7 +76,9 @@ def shapes_source(cfg: Config) -> SourceData:
         fn = _RenderShapes(indices, render_args, cfg.working_size)
         return ray.data.range(len(indices)).map_batches(fn, batch_size=256).materialize()
 
-    return SourceData(shapes.class_names(s.num_classes), rendered(train_idx), rendered(val_idx))
+    return SourceData(
+        shapes.class_names(s.num_classes, s.classes), rendered(train_idx), rendered(val_idx)
+    )
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,22 +98,13 @@ class _Decode:
     size: int
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Never raise here: an exception leaves a Ray task as a generic UDF error that has
-        # lost the file name; bad rows are flagged and the driver decides.
-        images, labels, errors = [], [], []
-        for data, path in zip(batch["bytes"], batch["path"]):
-            try:
-                images.append(decode(data, path, self.size))
-                errors.append("")
-            except BadImageError as e:
-                images.append(np.zeros((self.size, self.size, 3), np.uint8))
-                errors.append(str(e))
-            labels.append(self.class_index[posixpath.basename(posixpath.dirname(path))])
+        images, errors = decode_batch(batch["bytes"], batch["path"], self.size)
+        labels = [self.class_index[posixpath.basename(posixpath.dirname(p))] for p in batch["path"]]
         return {
-            "image": np.stack(images),
+            "image": images,
             "label": np.asarray(labels, dtype=np.int64),
             "path": batch["path"],
-            "error": np.asarray(errors, dtype=object),
+            "error": errors,
         }
 
 

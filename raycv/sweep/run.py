@@ -7,11 +7,13 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 
 import ray
 from ray import tune
 
 from raycv.config import Config
+from raycv.finetune.sources import apply_source
 from raycv.runs import RunFolder, write_manifest
 from raycv.session import ensure_ray
 from raycv.sweep.objective import make_objective
@@ -29,9 +31,12 @@ DATA_CPUS = 1  # left unreserved per trial, for its decoding and augmentation
 TRIAL_CPU = 0.01  # the trial function's own reservation
 
 
-def run_tune(cfg: Config, *, resume: str | bool | None = None) -> RunFolder:
+def run_tune(cfg: Config, *, resume: str | bool | None = None, at: Path | None = None) -> RunFolder:
+    """The sweep; ``at`` fixes its folder (a pipeline's stage), resumed if started before."""
+    cfg = apply_source(cfg)  # trials fine-tune from it: a bad source fails here
     check_space(cfg)  # before Ray starts: every sampled config must be valid
-    cfg, run = prepare_run(cfg, "tune", resume)
+    resume = resume or (at is not None and (at / "config.yaml").is_file())
+    cfg, run = prepare_run(cfg, "tune", resume, at)
     log.info("sweep folder: %s", run.path)
     ensure_ray(cfg, num_cpus=local_sweep_cpus(cfg))
     started = time.time()

@@ -1,0 +1,1 @@
+"""Transfer learning: pretrained-weight sources and fine-tune strategies."""

@@ -1,0 +1,148 @@
+"""The main job, timed: ``raycv pipeline configs/quickstart.yaml`` from start to report.
+
+Runs the pipeline as a subprocess (the command the README gives, in a fresh Ray), then
+reads its manifests: wall time of the whole command and of each stage, and transfer
+learning against training from scratch on the target (best and final val accuracy, the
+same epochs). ``--repeats N`` runs it N times with different seeds (``seed`` and the
+target data's ``split_seed``) and reports each run and the mean difference, so that the
+claim "fine-tuning beats scratch" rests on more than one draw.
+
+Goals (issue "final fine-tune, pipeline, ..."): the whole pipeline in at most 10 minutes
+on a 2-core CPU machine; the fine-tuned model beats from-scratch training on the target.
+
+Run by hand, not in CI (about 8 minutes per repeat on 2 cores):
+
+    python scripts/bench/pipeline_quickstart.py
+    python scripts/bench/pipeline_quickstart.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import results
+
+log = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parents[2]
+BUDGET_S = 600  # the goal: the whole main job in 10 minutes
+STAGES = ("pretrain", "tune", "finetune", "scratch", "compress", "export", "report")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Writes a table to stdout and the full results as JSON.",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="pipeline runs, seeds 0.. (default 1)")
+    p.add_argument(
+        "--config", default=str(REPO / "configs" / "quickstart.yaml"), help="pipeline config"
+    )
+    p.add_argument("--out", type=Path, default=results.default_out(__file__), help="JSON path")
+    return p.parse_args(argv)
+
+
+def run_once(config: str, seed: int, storage: Path) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "raycv",
+        "pipeline",
+        config,
+        f"run.storage={storage}",
+        f"seed={seed}",
+        f"data.split_seed={seed}",
+    ]
+    log.info("seed %d: %s", seed, " ".join(cmd[2:]))
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"the pipeline failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    return {"seed": seed, "wall_s": wall, "folder": str(folder), **_read(folder)}
+
+
+def _read(folder: Path) -> dict[str, Any]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stage_s = {name: manifest["stages"].get(name, {}).get("elapsed_s") for name in STAGES}
+    accuracy = {}
+    for stage in ("finetune", "scratch", "compress"):
+        m = json.loads((folder / stage / "manifest.json").read_text())["metrics"]
+        accuracy[stage] = {
+            "best_val_acc": m["best"]["val_acc"],
+            "final_val_acc": m["final"]["val_acc"],
+            "epochs": m["final"]["epoch"],
+            "params": m["best"]["params"],
+            "macs": m["best"]["macs"],
+        }
+    return {"stage_s": stage_s, "accuracy": accuracy}
+
+
+def report(runs: list[dict[str, Any]], info: dict[str, Any]) -> str:
+    stage_rows = [
+        [name, *(r["stage_s"][name] for r in runs)] for name in STAGES if runs[0]["stage_s"][name]
+    ]
+    stage_rows.append(["whole command", *(r["wall_s"] for r in runs)])
+    seeds = [f"seed {r['seed']} (s)" for r in runs]
+    acc_rows = []
+    for r in runs:
+        a = r["accuracy"]
+        acc_rows.append(
+            [
+                r["seed"],
+                a["finetune"]["best_val_acc"],
+                a["scratch"]["best_val_acc"],
+                a["finetune"]["best_val_acc"] - a["scratch"]["best_val_acc"],
+                a["finetune"]["final_val_acc"] - a["scratch"]["final_val_acc"],
+                a["compress"]["best_val_acc"],
+                a["compress"]["macs"] / a["finetune"]["macs"],
+            ]
+        )
+    mean_gain = sum(row[3] for row in acc_rows) / len(acc_rows)
+    slowest = max(r["wall_s"] for r in runs)
+    return "\n\n".join(
+        [
+            results.header("raycv pipeline configs/quickstart.yaml", info),
+            results.table(["stage", *seeds], stage_rows),
+            results.table(
+                [
+                    "seed",
+                    "finetune best",
+                    "scratch best",
+                    "gain best",
+                    "gain final",
+                    "compressed best",
+                    "MACs after/before",
+                ],
+                acc_rows,
+            ),
+            f"slowest run {slowest:.0f} s against the {BUDGET_S} s goal: "
+            f"{'met' if slowest <= BUDGET_S else 'NOT met'}; mean gain of fine-tuning over "
+            f"scratch {100 * mean_gain:+.1f} points "
+            f"({'beats' if all(row[3] > 0 for row in acc_rows) else 'does NOT always beat'} "
+            "scratch)",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results.setup_logging()
+    info = results.machine()
+    with tempfile.TemporaryDirectory(prefix="raycv-bench-") as tmp:
+        runs = [run_once(args.config, seed, Path(tmp)) for seed in range(args.repeats)]
+    print(report(runs, info))
+    results.write(args.out, {"machine": info, "config": args.config, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""``raycv pipeline`` end to end on configs/pipeline_smoke.yaml: every stage, stopped after
+the sweep and resumed without re-running it, then exported, predicted and reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raycv.artifacts import load_trained, read_manifest
+from raycv.config import ConfigError, validate
+from raycv.pipeline import check_pipeline, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _given(storage) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "pipeline_smoke.yaml").read_text())
+    raw["run"] = {"storage": str(storage)}
+    return raw
+
+
+def test_pretrain_overrides_are_checked_before_anything_runs(tmp_path):
+    given = _given(tmp_path)
+    given["pipeline"]["pretrain"]["model.nmae"] = "resnet18"
+    with pytest.raises(ConfigError, match=r"pipeline.pretrain: model.nmae is not a config key"):
+        check_pipeline(validate(given), given)
+    given = _given(tmp_path)
+    given["pipeline"]["pretrain"] = None
+    given["finetune"] = {"strategy": "full"}
+    with pytest.raises(ConfigError, match="needs something to fine-tune from"):
+        check_pipeline(validate(given), given)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def pipeline(ray_local, tmp_path_factory):
+    """The smoke pipeline stopped after its sweep, then resumed to the end."""
+    storage = tmp_path_factory.mktemp("pipeline")
+    given = _given(storage)
+    run = run_pipeline(given, validate(given), local=True, until="tune")
+    stopped = read_manifest(run.path)
+    tune_manifest = (run.path / "tune" / "manifest.json").read_text()
+    trials = sorted(p.name for p in (run.path / "tune" / "trials").iterdir())
+    resumed = run_pipeline(given, validate(given), resume=True, local=True)
+    return {
+        "run": resumed,
+        "stopped": stopped,
+        "tune_manifest": tune_manifest,
+        "trials": trials,
+    }
+
+
+@pytest.mark.slow
+def test_resume_after_the_sweep_does_not_rerun_it(pipeline):
+    run = pipeline["run"]
+    assert pipeline["stopped"]["status"] == "stopped"
+    assert set(pipeline["stopped"]["stages"]) == {"pretrain", "tune"}
+    assert (run.path / "tune" / "manifest.json").read_text() == pipeline["tune_manifest"]
+    assert sorted(p.name for p in (run.path / "tune" / "trials").iterdir()) == pipeline["trials"]
+    manifest = read_manifest(run.path)
+    assert manifest["status"] == "finished"
+    assert [s for s, v in manifest["stages"].items() if v["status"] == "finished"] == [
+        "pretrain",
+        "tune",
+        "finetune",
+        "scratch",
+        "compress",
+        "export",
+        "report",
+    ]
+    assert manifest["final_model"] == "compress"
+
+
+@pytest.mark.slow
+def test_each_stage_names_its_parent(pipeline):
+    path = pipeline["run"].path
+    pretrain_ckpt = str(path / "pretrain" / "best" / "checkpoint.pt")
+    finetune_ckpt = str(path / "finetune" / "best" / "checkpoint.pt")
+    assert read_manifest(path / "pretrain")["parent"] is None
+    assert read_manifest(path / "finetune")["parent"] == pretrain_ckpt
+    assert read_manifest(path / "scratch")["parent"] is None
+    assert read_manifest(path / "compress")["parent"] == finetune_ckpt
+    assert read_manifest(path / "export")["parent"] == str(path / "compress")
+    # The final fine-tune ran the sweep's best config under a fresh run folder.
+    best = yaml.safe_load((path / "tune" / "best.yaml").read_text())
+    finetune_cfg = yaml.safe_load((path / "finetune" / "config.yaml").read_text())
+    assert finetune_cfg["optimizer"]["lr"] == best["optimizer"]["lr"]
+    assert finetune_cfg["finetune"]["source"] == pretrain_ckpt
+    # Same budget: scratch trains the target for as many epochs, from no weights.
+    scratch_cfg = yaml.safe_load((path / "scratch" / "config.yaml").read_text())
+    assert scratch_cfg["finetune"]["source"] is None
+    assert scratch_cfg["train"]["epochs"] == finetune_cfg["train"]["epochs"]
+
+
+@pytest.mark.slow
+def test_compress_stage_pruned_the_fine_tuned_model(pipeline):
+    path = pipeline["run"].path
+    before = read_manifest(path / "finetune")["metrics"]["best"]
+    after = read_manifest(path / "compress")["metrics"]["best"]
+    assert after["params"] < 0.5 * before["params"]
+    assert after["macs"] < 0.5 * before["macs"]
+    final = load_trained(path)  # a pipeline folder means its final model
+    assert sum(p.numel() for p in final.model.parameters()) == after["params"]
+    assert final.class_names == ["hexagon", "ring", "heart"]
+
+
+@pytest.mark.slow
+def test_report_has_every_section(pipeline):
+    path = pipeline["run"].path
+    md = (path / "report.md").read_text()
+    html = (path / "report.html").read_text()
+    for section in (
+        "## Stages",
+        "## Transfer learning vs training from scratch",
+        "## Learning curves",
+        "## Sweep",
+        "## Final model",
+        "## Compression",
+        "## Export",
+    ):
+        assert section in md
+    assert "Status: **finished**" in md
+    assert html.count("data:image/png;base64,") >= 8
+    assert "http://" not in html and "https://" not in html
+    acc = {
+        stage: read_manifest(path / stage)["metrics"]["best"]["val_acc"]
+        for stage in ("finetune", "scratch")
+    }
+    points = f"{100 * (acc['finetune'] - acc['scratch']):+.1f} points"
+    assert points in md
+
+
+@pytest.mark.slow
+def test_predict_with_the_exported_model(pipeline, tmp_path):
+    from PIL import Image
+
+    from raycv.data.shapes import render
+    from raycv.predict import run_predict
+
+    images = tmp_path / "to predict"
+    images.mkdir()
+    for i in range(6):
+        classes = ["hexagon", "ring", "heart"]
+        sample = render(i, image_size=32, num_classes=3, difficulty="easy", seed=5, classes=classes)
+        Image.fromarray(sample["image"]).save(images / f"{i}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = run_predict(pipeline["run"].path / "export", [str(images)], top_k=2)
+    manifest = json.loads((out.path / "manifest.json").read_text())
+    assert manifest["counts"] == {"files": 7, "predicted": 6, "bad": 1}
