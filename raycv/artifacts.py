@@ -34,7 +34,7 @@ def _best_checkpoint(folder: Path, manifest: dict[str, Any]) -> Path:
     return folder / best / checkpoint.CHECKPOINT_FILE
 
 
-for _kind in ("train", "finetune", "compress"):
+for _kind in ("train", "finetune", "compress", "trial"):
     _CHECKPOINT_OF.add(_kind, _best_checkpoint)
 
 

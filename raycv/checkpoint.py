@@ -25,8 +25,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def save(directory: str | os.PathLike, state: dict[str, Any]) -> Path:
-    path = Path(directory) / CHECKPOINT_FILE
+def save(directory: str | os.PathLike, state: dict[str, Any], name: str = CHECKPOINT_FILE) -> Path:
+    path = Path(directory) / name
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name

@@ -33,8 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    _stop_ray()  # before the last line: Ray forwards its workers' late log lines to stdout
     print(run.path)  # the last line of every command: where its results are
     return 0
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")  # not imported by commands that fail before Ray starts
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

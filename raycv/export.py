@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raycv import checkpoint
 from raycv.artifacts import load_trained, read_manifest
 from raycv.config import Config, dump_config
 from raycv.data.augment import EvalPreset, build_preset
@@ -84,15 +85,13 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
-    _save_atomic(
-        {
-            "model": model.state_dict(),
-            "class_names": trained.class_names,
-            "config": cfg.model_dump(mode="json"),
-            "metrics": trained.metrics,
-        },
-        run.path / STATE_DICT_FILE,
-    )
+    state = {
+        "model": model.state_dict(),
+        "class_names": trained.class_names,
+        "config": cfg.model_dump(mode="json"),
+        "metrics": trained.metrics,
+    }
+    checkpoint.save(run.path, state, STATE_DICT_FILE)
     size = cfg.model.image_size
     started = time.perf_counter()
     try:
@@ -147,12 +146,6 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
 
 
 # ---------------------------------------------------------------- writing the files
-
-
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
 
 
 def _example(batch: int, size: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycv.artifacts import load_trained, read_manifest
+from raycv.artifacts import checkpoint_file, load_trained, read_manifest
 from raycv.config import ConfigError, validate
 from raycv.pipeline import check_pipeline, run_pipeline
 
@@ -102,6 +102,10 @@ def test_compress_stage_pruned_the_fine_tuned_model(pipeline):
     after = read_manifest(path / "compress")["metrics"]["best"]
     assert after["params"] < 0.5 * before["params"]
     assert after["macs"] < 0.5 * before["macs"]
+    best_trial = read_manifest(path / "tune")["best_trial"]
+    assert checkpoint_file(path / "tune") == path / "tune" / "trials" / best_trial / "best" / (
+        "checkpoint.pt"
+    )
     final = load_trained(path)  # a pipeline folder means its final model
     assert sum(p.numel() for p in final.model.parameters()) == after["params"]
     assert final.class_names == ["hexagon", "ring", "heart"]

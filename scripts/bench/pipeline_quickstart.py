@@ -67,7 +67,9 @@ def run_once(config: str, seed: int, storage: Path) -> dict[str, Any]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the pipeline failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    folder = Path(done.stdout.strip().splitlines()[-1])
+    # The command's last line is its folder; search from the end all the same, in case a
+    # Ray process's late log line lands after it.
+    folder = next(Path(x) for x in reversed(done.stdout.splitlines()) if Path(x).is_dir())
     return {"seed": seed, "wall_s": wall, "folder": str(folder), **_read(folder)}
 
 
