@@ -103,7 +103,8 @@ def tune_stage(root: Path, cfg: Config) -> RunFolder:
     run.path.mkdir(parents=True)
     run.config.write_text(dump_config(cfg))
     trials = [
-        {"trial_id": "t_0", "status": "finished", "optimizer.lr": 0.003, "epochs": 4,
+        # Ray's trial ids are hex; this one reads as a number (5e732) unless kept as text.
+        {"trial_id": "5e732_00000", "status": "finished", "optimizer.lr": 0.003, "epochs": 4,
          "best_epoch": 4, "val_acc": 0.875, "macs": 37e6, "pareto": True},
         {"trial_id": "t_1", "status": "stopped early", "optimizer.lr": 0.0002, "epochs": 1,
          "best_epoch": 1, "val_acc": 0.4, "macs": 37e6, "pareto": False},
@@ -130,7 +131,7 @@ def tune_stage(root: Path, cfg: Config) -> RunFolder:
         "finished",
         {
             "metrics": {"best": trials[0]},
-            "best_trial": "t_0",
+            "best_trial": "5e732_00000",
             "trials": {"finished": 2, "stopped early": 1},
             "trial_epochs": 9,
             "elapsed_s": 95.0,
@@ -322,10 +323,10 @@ def test_sweep_section(report):
     text = section(report["md"], "Sweep")
     assert "3 trials (optuna search, asha scheduler): 2 finished, 1 stopped early" in text
     assert "9 trial-epochs" in text
-    assert "Best trial `t_0`: val_acc 87.5 % at epoch 4" in text
+    assert "Best trial `5e732_00000`: val_acc 87.5 % at epoch 4" in text
     assert table_with(text, "Key")["`optimizer.lr`"][1] == "0.003"
     ranked = table_with(text, "Trial")
-    assert list(ranked) == ["`t_0`", "`t_2`", "`t_1`"]
+    assert list(ranked) == ["`5e732_00000`", "`t_2`", "`t_1`"]
     assert "report/tune_curves.png" in text and "report/tune_pareto.png" in text
     assert "tune_prune_ratio" not in text  # the ratio was not searched
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raycv import checkpoint, plots
+from raycv import checkpoint, model_stats, plots
+from raycv.artifacts import load_trained
 from raycv.report import markdown_text as md
 from raycv.report.folder import PipelineFolder, Stage, is_sparse
 from raycv.report.format import (
@@ -88,12 +89,11 @@ def _pruning(after: Stage) -> str | None:
 
 def _quantities(pipeline: PipelineFolder, before: Stage, after: Stage) -> list[_Quantity]:
     b, a = before.best, after.best
-    threads = sorted({x["latency_threads"] for x in (a, b) if x.get("latency_threads")})
-    latency = "Latency (batch 1" + "".join(f", {t} thread{'s' * (t != 1)}" for t in threads) + ")"
+    latency = "Latency (batch 1, 1 thread, timed side by side)"
     quantities = [
         _Quantity("Parameters", "params", b.get("params"), a.get("params"), fmt_count),
         _Quantity("MACs (one image)", "MACs", b.get("macs"), a.get("macs"), fmt_count),
-        _Quantity(latency, "latency", b.get("latency_ms"), a.get("latency_ms"), fmt_ms),
+        _Quantity(latency, "latency", _latency_now(before), _latency_now(after), fmt_ms),
         _Quantity(
             "Weights (state dict)",
             "size",
@@ -109,6 +109,17 @@ def _quantities(pipeline: PipelineFolder, before: Stage, after: Stage) -> list[_
         quantities.insert(1, nonzero)
     acc = (b.get("val_acc"), a.get("val_acc"))
     return [*quantities, _Quantity("Best val acc", "val acc", *acc, fmt_pct, _points)]
+
+
+def _latency_now(stage: Stage) -> float | None:
+    """The stage's best model timed here, one model right after the other: the latency each
+    training run measured shared the cores with its own data tasks, too noisy to compare."""
+    try:
+        trained = load_trained(stage.folder)
+    except FileNotFoundError:
+        return None
+    size = trained.config.model.image_size
+    return model_stats.latency_ms(trained.model, size, batch=1, threads=1)
 
 
 def _weights_bytes(pipeline: PipelineFolder, stage: Stage, exported: bool = False) -> float | None:

@@ -79,7 +79,11 @@ def _top_trials(tune: Stage, metric: str, mode: str, space: list[str]) -> str | 
     if path is None or path.suffix != ".csv":
         return None
     with path.open(newline="") as f:
-        rows = [{k: _csv_value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # Trial ids stay text: "5e732_00000" would read as the float 5e732 = inf.
+        rows = [
+            {k: v if k == "trial_id" else _csv_value(v) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
     scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and not missing(r[metric])]
     top = sorted(scored, key=lambda r: r[metric], reverse=mode == "max")[:TOP_TRIALS]
     if not top:
