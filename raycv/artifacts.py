@@ -17,9 +17,13 @@ from torch import nn
 
 from raycv import checkpoint
 from raycv.config import Config, from_dict
+from raycv.errors import DataError
 from raycv.models import create_model
 from raycv.pruning import fit_to_state_dict
 from raycv.registry import Registry
+from raycv.runs import inside
+
+RAYCV_KEYS = frozenset({"model", "config", "class_names"})  # what every raycv checkpoint holds
 
 # kind in manifest.json -> the checkpoint file inside a finished run folder of that kind
 _CHECKPOINT_OF: Registry = Registry("artifact kind")
@@ -31,7 +35,7 @@ def _best_checkpoint(folder: Path, manifest: dict[str, Any]) -> Path:
         raise FileNotFoundError(
             f"{folder} has no finished checkpoint; train it first or pass checkpoints/epoch_*"
         )
-    return folder / best / checkpoint.CHECKPOINT_FILE
+    return inside(folder, best, "paths.best_checkpoint") / checkpoint.CHECKPOINT_FILE
 
 
 for _kind in ("train", "finetune", "compress", "trial"):
@@ -43,7 +47,7 @@ def _best_trial(folder: Path, manifest: dict[str, Any]) -> Path:
     trial = manifest.get("best_trial")
     if not trial:
         raise FileNotFoundError(f"sweep {folder} has no finished trial to take a model from")
-    return checkpoint_file(folder / "trials" / trial)
+    return checkpoint_file(inside(folder, f"trials/{trial}", "best_trial"))
 
 
 @_CHECKPOINT_OF.register("pipeline")
@@ -51,7 +55,7 @@ def _final_model(folder: Path, manifest: dict[str, Any]) -> Path:
     final = manifest.get("final_model")
     if not final:
         raise FileNotFoundError(f"pipeline {folder} has not trained its final model yet")
-    return checkpoint_file(folder / final)
+    return checkpoint_file(inside(folder, final, "final_model"))
 
 
 @_CHECKPOINT_OF.register("export")
@@ -59,7 +63,7 @@ def _exported(folder: Path, manifest: dict[str, Any]) -> Path:
     state_dict = manifest.get("paths", {}).get("state_dict")
     if not state_dict:
         raise FileNotFoundError(f"export {folder} did not finish ({manifest.get('error')})")
-    return folder / state_dict
+    return inside(folder, state_dict, "paths.state_dict")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -104,9 +108,22 @@ class Trained:
 def load_trained(path: str | Path) -> Trained:
     """The model of any artifact, rebuilt from its saved config and weights."""
     file = checkpoint_file(path)
-    saved = checkpoint.load(file)
+    saved = load_checkpoint(file)
     cfg = from_dict(saved["config"])
     classes = list(saved["class_names"])
     model = create_model(cfg.model.name, len(classes), None, cfg.model.image_size)
     fit_to_state_dict(model, saved["model"])  # a pruned checkpoint has narrower layers
     return Trained(model.eval(), classes, cfg, file, dict(saved.get("metrics") or {}))
+
+
+def load_checkpoint(file: str | Path) -> dict[str, Any]:
+    """A checkpoint file raycv wrote: weights with the classes and config that rebuild the
+    model. A plain state dict (torchvision's, or another tool's) has neither."""
+    file = Path(file)
+    saved = None if file.suffix.lower() == ".safetensors" else checkpoint.load(file)
+    if not isinstance(saved, dict) or not saved.keys() >= RAYCV_KEYS:
+        raise DataError(
+            f"{file} is not a raycv checkpoint (it has no class names and config to rebuild "
+            f"its model from); fine-tune from it with raycv finetune CONFIG --from {file}"
+        )
+    return saved

@@ -28,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except _USER_ERRORS as e:
+        _stop_ray()  # first: a worker's late traceback must not print after the error line
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
     except RunFailedError as e:
+        _stop_ray()
         print(f"error: {e}", file=sys.stderr)
         return 1
     _stop_ray()  # before the last line: Ray forwards its workers' late log lines to stdout
-    print(run.path)  # the last line of every command: where its results are
+    if run is not None:  # doctor makes no run folder: its report was its output
+        print(run.path)  # the last line of every command: where its results are
     return 0
 
 
@@ -66,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raycv", description="Train, evaluate and inspect vision models on Ray."
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    for add in (_add_train, _add_tune, _add_finetune, _add_pipeline, _add_export, _add_predict):
+    for add in (
+        _add_train,
+        _add_tune,
+        _add_finetune,
+        _add_compress,
+        _add_pipeline,
+        _add_export,
+        _add_predict,
+    ):
         add(sub)
     _add_eval(sub)
     _add_data(sub)
+    _add_doctor(sub)
     return parser
 
 
@@ -144,13 +156,62 @@ def _add_finetune(sub) -> None:
     finetune.set_defaults(handler=_finetune)
 
 
+def _add_compress(sub) -> None:
+    compress = sub.add_parser(
+        "compress",
+        help="prune, quantize and distil a trained model, each variant measured",
+        description="Make a trained model smaller and faster: train a distilled student "
+        "(--student), prune it and fine-tune again (--prune; compress.steps rounds, "
+        "compress.epochs epochs each, compress.prune.importance l1/l2/taylor), then "
+        "quantize it (--quantize). Every variant is saved under variants/ and measured: "
+        "params, MACs, file size, CPU latency per batch size (compress.latency.*) and val "
+        "accuracy, written to compression.csv/json/md and plots/compression.png.",
+    )
+    compress.add_argument(
+        "artifact", help="the model to compress: a run folder (its best model) or checkpoint"
+    )
+    compress.add_argument(
+        "overrides",
+        nargs="*",
+        help="overrides of the artifact's config, e.g. compress.steps=3 compress.epochs=4 "
+        "compress.prune.importance=taylor data.folder.root=PATH",
+    )
+    compress.add_argument(
+        "--prune",
+        metavar="METHOD:RATIO",
+        help="channel:0.5 removes half the channels (smaller and faster); l1_unstructured:0.5 "
+        "zeroes half the weights (same speed on dense hardware)",
+    )
+    compress.add_argument(
+        "--quantize",
+        metavar="METHOD",
+        help="int8: post-training static quantization for x86 CPUs, calibrated on training "
+        "images; compress.qat_epochs=N adds quantization-aware fine-tuning",
+    )
+    compress.add_argument(
+        "--distill-from",
+        metavar="TEACHER",
+        help="a raycv run folder or checkpoint whose soft targets guide every fine-tuning "
+        "(distill.temperature, distill.weight)",
+    )
+    compress.add_argument(
+        "--student",
+        metavar="MODEL",
+        help="first train this smaller registered model, distilled from --distill-from "
+        "(default: from the artifact)",
+    )
+    _add_local(compress, "run the fine-tuning in this process")
+    _add_resume(compress, "continue the newest (or the named) compress run")
+    compress.set_defaults(handler=_compress)
+
+
 def _add_pipeline(sub) -> None:
     pipeline = sub.add_parser(
         "pipeline",
         help="the whole chain: pretrain, sweep, fine-tune, compress, export, report",
         description="Run pretrain (pipeline.pretrain) -> sweep (tune.space) -> final "
         "fine-tune with the best config, and the same budget from scratch -> compression "
-        "(pipeline.compress) -> export -> report, each stage a run folder inside the "
+        "(the compress section) -> export -> report, each stage a run folder inside the "
         "pipeline folder. --resume skips finished stages and continues the interrupted one.",
     )
     _add_config(pipeline, "YAML config, e.g. configs/quickstart.yaml")
@@ -224,33 +285,80 @@ def _add_data(sub) -> None:
     preview.set_defaults(handler=_preview)
 
 
+def _add_doctor(sub) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check that a config fits a cluster before running it",
+        description="Check a config against a Ray cluster: whether its workers fit the "
+        "nodes (scaling.*, placement strategy) with a CPU left for Ray Data, whether "
+        "run.storage is writable from every node and shared between them, and whether "
+        "torch, CUDA and NCCL agree across nodes. Prints a table with one fix per problem; "
+        "exits 1 when the run cannot work.",
+    )
+    _add_config(doctor, "YAML config to check, e.g. configs/smoke.yaml")
+    doctor.add_argument(
+        "--address",
+        help="the Ray cluster (GCS address, e.g. 10.0.0.1:6379, or auto); default: "
+        "$RAY_ADDRESS (set inside `ray job submit`), else a local Ray as `raycv train` starts",
+    )
+    doctor.set_defaults(handler=_doctor)
+
+
+# Each handler validates its config before importing its stage (Ray Train, Tune): a bad
+# config then fails in about the time torch takes to import, not Ray as well.
+
+
 def _train(args):
+    cfg = load_config(args.config, args.overrides)
     from raycv.train import run_train
 
-    cfg = load_config(args.config, args.overrides)
     return run_train(cfg, local=args.local, resume=args.resume)
 
 
 def _tune(args):
+    cfg = load_config(args.config, args.overrides)
     from raycv.sweep.run import run_tune
 
-    return run_tune(load_config(args.config, args.overrides), resume=args.resume)
+    return run_tune(cfg, resume=args.resume)
 
 
 def _finetune(args):
-    from raycv.train import run_train
-
     given = load_given(args.config, args.overrides)
     if args.source:  # set as given: a path must not be parsed as YAML
         given.setdefault("finetune", {})["source"] = args.source
-    return run_train(validate(given), local=args.local, resume=args.resume, stage="finetune")
+    cfg = validate(given)
+    from raycv.train import run_train
+
+    return run_train(cfg, local=args.local, resume=args.resume, stage="finetune")
+
+
+def _compress(args):
+    from raycv.compress.run import compress_config, resume_folder, run_compress
+
+    settings = {
+        "compress.quantize": args.quantize,
+        "distill.teacher": args.distill_from,
+        "compress.student": args.student,
+    }
+    if args.prune:
+        method, _, ratio = args.prune.partition(":")
+        try:
+            settings |= {"compress.prune.method": method, "compress.prune.ratio": float(ratio)}
+        except ValueError:
+            raise ConfigError(
+                f"--prune takes METHOD:RATIO, e.g. channel:0.5 (got {args.prune!r})"
+            ) from None
+    given = {k: v for k, v in settings.items() if v is not None}
+    cfg = compress_config(args.artifact, args.overrides, given)
+    at = resume_folder(cfg, args.resume) if args.resume else None
+    return run_compress(args.artifact, cfg, local=args.local, at=at)
 
 
 def _pipeline(args):
-    from raycv.pipeline import run_pipeline
-
     given = load_given(args.config, args.overrides)
     cfg = validate(given)
+    from raycv.pipeline import run_pipeline
+
     return run_pipeline(given, cfg, resume=args.resume, local=args.local, until=args.until)
 
 
@@ -278,6 +386,15 @@ def _preview(args):
     if args.count < 1:
         raise ConfigError(f"--count must be at least 1 (got {args.count})")
     return run_preview(load_config(args.config, args.overrides), args.count)
+
+
+def _doctor(args) -> None:
+    from raycv.doctor import format_report, run_doctor
+
+    report = run_doctor(load_config(args.config, args.overrides), address=args.address)
+    print(format_report(report))
+    if not report.ok:
+        raise RunFailedError(f"doctor found {len(report.errors)} problem(s); fixes above")
 
 
 def _first_line(e: BaseException) -> str:

@@ -7,11 +7,14 @@ import copy
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raycv.redact import REDACTED, MissingSecretError, is_secret, redact, unredact
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -148,9 +151,15 @@ class PruneConfig(Section):
     ratio: float = Field(
         0.0, ge=0, lt=1, description="share of channels (channel) or weights removed; 0 = off"
     )
-    importance: Literal["l1", "l2"] = Field("l1", description="magnitude norm ranking channels")
-    global_pruning: bool = Field(
-        False, description="rank channels across layers instead of the same ratio per layer"
+    importance: Literal["l1", "l2", "taylor"] = Field(
+        "l1",
+        description="ranks channels: l1/l2 weight norm, or taylor (|weight x gradient| on "
+        "training images; raycv compress only)",
+    )
+    global_pruning: bool | None = Field(
+        None,
+        description="rank across all layers (true) or prune each layer by the ratio (false); "
+        "default: per layer for channel, across layers for l1_unstructured",
     )
     round_to: int = Field(8, ge=1, description="kept channel counts are multiples of this")
 
@@ -176,12 +185,56 @@ class FinetuneConfig(Section):
     freeze_bn: bool = Field(False, description="keep the backbone's BatchNorm statistics fixed")
 
 
-class CompressStageConfig(Section):
-    prune_ratio: float = Field(
-        0.0, ge=0, lt=1, description="prune the fine-tuned model by this ratio; 0 = no stage"
+class DistillConfig(Section):
+    teacher: str | None = Field(
+        None,
+        description="knowledge distillation: a raycv artifact (run folder or checkpoint) whose "
+        "softened outputs the model learns too, on the same classes; none = off",
     )
-    method: str = Field("channel", description="registered pruner (see raycv.pruning.PRUNERS)")
-    epochs: int = Field(2, ge=1, description="fine-tuning epochs after pruning")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of both outputs")
+    weight: float = Field(
+        0.5, ge=0, le=1, description="loss = (1 - weight) x hard-label loss + weight x soft loss"
+    )
+
+
+class LatencyConfig(Section):
+    batch_sizes: list[int] = Field([1, 32], min_length=1, description="batches timed")
+    threads: int = Field(1, ge=1, description="torch threads while timing")
+    repeats: int = Field(20, ge=1, description="timed runs; the median is reported")
+    warmup: int = Field(3, ge=1, description="untimed runs first (compilation included)")
+    runtime: Literal["inductor", "eager"] = Field(
+        "inductor",
+        description="inductor: torch.compile with freezing, the only runtime with int8 kernels; "
+        "eager: plain PyTorch (int8 then runs slower than fp32)",
+    )
+
+
+class CompressConfig(Section):
+    prune: PruneConfig = Field(
+        PruneConfig(), description="pruning method, ratio (0 = none), importance, rounding"
+    )
+    steps: int = Field(
+        1, ge=1, description="iterative pruning: prune and fine-tune this many times to the ratio"
+    )
+    epochs: int = Field(2, ge=1, description="fine-tuning epochs after each pruning step")
+    lr: float | None = Field(
+        None, gt=0, description="fine-tuning learning rate (default: optimizer.lr)"
+    )
+    student: str | None = Field(
+        None, description="train this smaller registered model first, distilled from the teacher"
+    )
+    quantize: str | None = Field(None, description="post-training quantization: int8, or none")
+    qat_epochs: int = Field(
+        0, ge=0, description="then quantization-aware fine-tuning for this many epochs (0: none)"
+    )
+    calibration_images: int = Field(
+        256, ge=1, description="training images that set int8 activation ranges (and Taylor)"
+    )
+    latency: LatencyConfig = LatencyConfig()
+
+    @property
+    def requested(self) -> bool:
+        return self.prune.ratio > 0 or self.quantize is not None or self.student is not None
 
 
 PIPELINE_STAGES = ("pretrain", "tune", "finetune", "scratch", "compress", "export", "report")
@@ -197,7 +250,6 @@ class PipelineConfig(Section):
     scratch: bool = Field(
         True, description="also train from scratch on the target with the same budget"
     )
-    compress: CompressStageConfig = CompressStageConfig()
     export: bool = Field(True, description="export TorchScript, ONNX and a model card")
 
 
@@ -277,6 +329,10 @@ class TuneConfig(Section):
 class RunConfig(Section):
     storage: str = Field("runs", description="root of run folders: local path or pyarrow URI")
     max_failures: int = Field(0, ge=-1, description="worker-failure restarts (-1: forever)")
+    dashboard_host: str = Field(
+        "127.0.0.1",
+        description="address a local Ray's dashboard listens on; 0.0.0.0 opens it to the network",
+    )
 
 
 class Config(Section):
@@ -293,6 +349,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     prune: PruneConfig = PruneConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
+    compress: CompressConfig = CompressConfig()
     tune: TuneConfig = TuneConfig()
     pipeline: PipelineConfig = PipelineConfig()
     run: RunConfig = RunConfig()
@@ -311,10 +369,7 @@ class Config(Section):
         from raycv.models import check_input_size, check_weights
 
         check_weights(self.model.name, self.model.weights)
-        if self.prune.ratio > 0:
-            from raycv.pruning import check_prunable
-
-            check_prunable(self.model.name, self.prune.method)
+        _check_pruning(self)
         check_input_size(self.model.name, self.model.image_size, self.model.weights)
         if self.data.source == "folder":
             _check_folder_root(self.data.folder.root)
@@ -348,13 +403,38 @@ def _check_names(cfg: Config) -> None:
         ("scheduler.name", cfg.scheduler.name, SCHEDULERS),
         ("prune.method", cfg.prune.method, PRUNERS),
         ("finetune.strategy", cfg.finetune.strategy, STRATEGIES),
-        ("pipeline.compress.method", cfg.pipeline.compress.method, PRUNERS),
+        ("compress.prune.method", cfg.compress.prune.method, PRUNERS),
+        ("compress.student", cfg.compress.student, MODELS),
         ("tune.searcher", cfg.tune.searcher, SEARCHERS),
         ("tune.scheduler.name", cfg.tune.scheduler.name, TRIAL_SCHEDULERS),
         ("tune.objective.kind", cfg.tune.objective.kind, OBJECTIVES),
     ):
-        if value not in registry:
+        if value is not None and value not in registry:
             raise ValueError(f"{key}={value!r} is unknown; choose one of: {', '.join(registry)}")
+
+
+def _check_pruning(cfg: Config) -> None:
+    from raycv.pruning import check_prunable
+
+    if cfg.prune.ratio > 0:
+        check_prunable(cfg.model.name, cfg.prune.method)
+        if cfg.prune.importance == "taylor":
+            # Gradients differ per worker shard, so workers would prune different channels.
+            raise ValueError(
+                "prune.importance=taylor needs training images before training starts; "
+                "prune with raycv compress --prune channel:RATIO compress.prune.importance=taylor"
+            )
+    c = cfg.compress
+    if c.prune.ratio > 0:
+        check_prunable(c.student or cfg.model.name, c.prune.method)
+    if c.quantize is not None:
+        from raycv.quantization import QUANTIZERS  # torchao: imported only when asked for
+
+        if c.quantize not in QUANTIZERS:
+            raise ValueError(
+                f"compress.quantize={c.quantize!r} is unknown; choose one of: "
+                f"{', '.join(QUANTIZERS)}"
+            )
 
 
 def _check_finetune(cfg: Config) -> None:
@@ -423,11 +503,15 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             f"config file {str(p)!r} not found; pass a YAML file such as configs/smoke.yaml"
         )
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+        # A ReaderError (a control character) has no "problem" and a two-line text.
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{p} is not valid YAML{where}: {problem}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{p} must hold a mapping of config sections, got {type(raw).__name__}")
     return raw
@@ -435,46 +519,72 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
+    shown = f"{key}={REDACTED}" if is_secret(key) else item  # a secret stays out of errors
     if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise ConfigError(
-            f"override {item!r} must look like section.key=value, e.g. train.epochs=3"
+            f"override {shown!r} must look like section.key=value, e.g. train.epochs=3"
         )
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML") from e
+        raise ConfigError(f"override {shown!r}: value is not valid YAML") from e
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+            raise ConfigError(f"override {shown!r}: {part} is a value, not a section")
         node = child
     node[leaf] = value
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    if err["type"] in ("extra_forbidden", "invalid_key"):  # the key itself may be a number
+        return _unknown_key([str(p) for p in err["loc"]])
     loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
     key = ".".join(loc)
-    if err["type"] == "extra_forbidden":
-        return _unknown_key(loc)
     msg = err["msg"].removeprefix("Value error, ")
     if not key:
         return msg
-    if "input" in err and not isinstance(err["input"], dict):
+    if "input" in err and not isinstance(err["input"], dict) and not is_secret(key):
         return f"{key}: {msg} (got {err['input']!r})"
     return f"{key}: {msg}"
 
 
 def _unknown_key(loc: list[str]) -> str:
-    model: type[BaseModel] = Config
+    node: Any = Config
     for part in loc[:-1]:
-        model = model.model_fields[part].annotation
-    valid = list(model.model_fields)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            node = node.model_fields[part].annotation
+        else:  # a mapping of sections (tune.space): ``part`` is one of its own keys
+            node = typing.get_args(node)[-1]
+    valid = list(node.model_fields)
     close = difflib.get_close_matches(loc[-1], valid, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"{'.'.join(loc)} is not a config key; {hint}valid keys: {', '.join(valid)}"
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, secret-like values as ``***`` (``raycv.redact``): read it
+    back with ``load_saved``."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+def load_saved(path: str | os.PathLike, given: Config | dict[str, Any]) -> Config:
+    """A config that raycv wrote (``dump_config``), its ``***`` values taken from ``given``,
+    the config the user gives now: secrets are never read back from a run folder."""
+    return validate(restore_secrets(load_given(path), given, path))
+
+
+def restore_secrets(
+    saved: dict[str, Any], given: Config | dict[str, Any], where: str | os.PathLike
+) -> dict[str, Any]:
+    """``saved`` with its redacted secrets filled from ``given`` at the same keys."""
+    given = given.model_dump(mode="json") if isinstance(given, Config) else given
+    try:
+        return unredact(saved, given)
+    except MissingSecretError as e:
+        raise ConfigError(
+            f"{e.key} was saved as {REDACTED} in {where}; give it again, in the config or "
+            f"as {e.key}=VALUE, to go on with this run"
+        ) from e

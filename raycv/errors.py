@@ -15,3 +15,10 @@ class RunFailedError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite: training diverged (usually a learning rate too high)."""
+
+
+class CorruptCheckpointError(DataError):
+    """A checkpoint file that is not the one written: truncated, or changed on disk since.
+
+    A ``DataError`` so that the CLI shows it as one line: like a bad data file, it is a file
+    that cannot be used, and the message names it and the fix."""

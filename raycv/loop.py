@@ -23,6 +23,7 @@ from torch import nn
 from raycv import checkpoint, model_stats
 from raycv.checkpoint import unwrap as model_of
 from raycv.config import Config
+from raycv.distill import Teacher, load_teacher
 from raycv.errors import NonFiniteLossError
 from raycv.finetune.sources import load_source_weights
 from raycv.finetune.strategies import FineTuning
@@ -122,6 +123,7 @@ def train_func(payload: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     task = TASKS.get(cfg.task)(len(info.class_names), cfg.train.label_smoothing)
+    teacher = load_teacher(cfg.distill, device)  # None unless distilling
     steps = steps_per_epoch(cfg, info.num_train, world)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         if tuning.frozen(epoch) != frozen:  # gradual unfreezing: the backbone joins in
@@ -129,7 +131,7 @@ def train_func(payload: dict[str, Any]) -> None:
             tuning.set_trainable(model_of(model), frozen)
             model = state.model = ray.train.torch.prepare_model(model_of(model))
         tuning.train_mode(model_of(model), frozen)
-        metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps)
+        metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps, teacher)
         metrics |= evaluate(model, task, val_shard, cfg, device)
         node = ray.get_runtime_context().get_node_id()
         metrics = {"epoch": epoch, **metrics, **stats, "node": node}
@@ -173,16 +175,19 @@ def _last_checkpoint(info: RunInfo) -> dict[str, Any] | None:
     found = ray.train.get_checkpoint()
     if found is not None:
         with found.as_directory() as d:
-            return checkpoint.load(d)
+            return checkpoint.load_latest_good(d)  # a corrupt latest: the one before
     if info.local:  # local mode persists its own checkpoints; Ray does not hand them back
         saved = checkpoint.checkpoint_epochs(RunFolder(Path(info.run_dir)).checkpoints)
         if saved:
-            return checkpoint.load(saved[max(saved)])
+            return checkpoint.load_latest_good(saved)
     return None
 
 
-def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps: int) -> dict:
-    """One epoch of steps; the caller has put the model in training mode."""
+def train_one_epoch(
+    model, state: State, task, shard, cfg: Config, device, steps: int, teacher: Teacher | None
+) -> dict:
+    """One epoch of steps; the caller has put the model in training mode. With a
+    ``teacher``, the loss that trains blends in its soft targets."""
     accum = cfg.train.grad_accum_steps
     batches = _batches(shard, cfg, device, train=True)
     meter = task.metrics()
@@ -197,7 +202,7 @@ def train_one_epoch(model, state: State, task, shard, cfg: Config, device, steps
             first_batch_s = waited if first_batch_s is None else first_batch_s
             sync = micro == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():
-                loss, logits = _forward(model, task, batch, cfg, device)
+                loss, logits = _forward(model, task, batch, cfg, device, teacher)
                 _check_finite(loss, step, cfg)
                 state.scaler.scale(loss / accum).backward()
             meter.update(loss.detach(), logits.detach(), task.targets(batch))
@@ -224,8 +229,8 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
     # fp16 overflows are the GradScaler's business; anything else non-finite is divergence.
     if cfg.train.precision != "fp16" and not torch.isfinite(loss.detach()):
         raise NonFiniteLossError(
-            f"the loss became {loss.item()} at step {step + 1}: training diverged; lower "
-            f"optimizer.lr (now {cfg.optimizer.lr:g}) and resume or start again"
+            f"the loss became {loss.item()} at step {step + 1}: training diverged; start a new "
+            f"run with a lower optimizer.lr (now {cfg.optimizer.lr:g}); --resume would keep it"
         )
 
 
@@ -239,7 +244,7 @@ def evaluate(model, task, shard, cfg: Config, device) -> dict[str, float]:
     return _all_reduce(meter, device).compute("val")
 
 
-def _forward(model, task, batch, cfg: Config, device):
+def _forward(model, task, batch, cfg: Config, device, teacher: Teacher | None = None):
     inputs = task.inputs(batch)
     if cfg.train.channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -247,6 +252,8 @@ def _forward(model, task, batch, cfg: Config, device):
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         outputs = model(inputs)
         loss, logits = task.loss(outputs, task.targets(batch))
+        if teacher is not None:
+            loss = teacher.blend(loss, logits, inputs)
     return loss, logits.float()
 
 

@@ -3,14 +3,19 @@ latency for one image, flattened by ``as_metrics`` into the keys that training r
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from raycv.registry import Registry
 
 # The layers whose count is multiply-accumulates. torch-pruning's counter also adds one op
 # per element of norm, activation and pooling layers (under 1% for our CNNs): not MACs.
@@ -57,6 +62,32 @@ def count_macs(model: nn.Module, image_size: int) -> int:
     )
 
 
+# How a model is run while timed: name -> context manager yielding the callable to time.
+RUNTIMES: Registry[Callable[[nn.Module], contextlib.AbstractContextManager]] = Registry("runtime")
+
+
+@RUNTIMES.register("eager")
+@contextlib.contextmanager
+def _eager(model: nn.Module) -> Iterator[nn.Module]:
+    yield model
+
+
+@RUNTIMES.register("inductor")
+@contextlib.contextmanager
+def _inductor(model: nn.Module) -> Iterator[Callable]:
+    """``torch.compile`` with freezing: weights become constants, BatchNorm folds into the
+    convs, and quantized graphs get oneDNN's int8 kernels (without freezing they run their
+    quantize/dequantize chains in fp32). The first warm-up call compiles."""
+    torch._dynamo.reset()  # each model compiles afresh, never against the recompile limit
+    # Inductor logs that a CPU-only machine has no CUDA runtime at every first compile.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    try:
+        with torch._inductor.config.patch(freezing=True):
+            yield torch.compile(model)
+    finally:
+        torch._dynamo.reset()
+
+
 def latency_ms(
     model: nn.Module,
     image_size: int,
@@ -64,9 +95,11 @@ def latency_ms(
     threads: int = 1,
     repeats: int = 20,
     warmup: int = 3,
+    runtime: str = "eager",
 ) -> float:
     """Median CPU wall time, in ms, of one eval-mode forward pass over ``batch`` images, with
-    ``threads`` torch threads. The thread count and the model's mode are restored after."""
+    ``threads`` torch threads, run by ``runtime`` (see ``RUNTIMES``). The thread count and
+    the model's mode are restored after."""
     model = _on_cpu(model)
     example = torch.zeros(batch, 3, image_size, image_size)
     previous_threads, was_training = torch.get_num_threads(), model.training
@@ -74,12 +107,12 @@ def latency_ms(
     model.eval()
     times = []
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), RUNTIMES.get(runtime)(model) as run:
             for _ in range(warmup):
-                model(example)
+                run(example)
             for _ in range(repeats):
                 start = time.perf_counter()
-                model(example)
+                run(example)
                 times.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous_threads)

@@ -20,7 +20,16 @@ from typing import Any
 import yaml
 
 from raycv.artifacts import checkpoint_file, read_manifest
-from raycv.config import PIPELINE_STAGES, Config, ConfigError, dump_config, load_config, validate
+from raycv.config import (
+    PIPELINE_STAGES,
+    Config,
+    ConfigError,
+    dump_config,
+    load_saved,
+    restore_secrets,
+    validate,
+)
+from raycv.redact import redact
 from raycv.registry import Registry
 from raycv.runs import RunFolder, write_manifest
 from raycv.session import ensure_ray, local_cpus
@@ -100,7 +109,7 @@ def _finetune_config(p: Pipeline) -> Config:
     """The sweep's best trial's config when there was a sweep, else the target's."""
     best = p.folder("tune") / "best.yaml"
     if p.cfg.pipeline.sweep and best.is_file():
-        return load_config(best)
+        return load_saved(best, p.given)
     return p.target(**{"finetune.source": _source(p)})
 
 
@@ -144,27 +153,16 @@ STAGES.add("scratch", Stage(lambda cfg: cfg.pipeline.scratch, _scratch))
 
 
 def _compress(p: Pipeline) -> Path:
-    c = p.cfg.pipeline.compress
-    cfg = _finetune_config(p)
-    raw = apply_sample(
-        cfg.model_dump(mode="json"),
-        {
-            # Recovery trains every layer at one rate: pruning disturbed all of them.
-            "finetune": {
-                "source": str(checkpoint_file(p.folder("finetune"))),
-                "strategy": "full",
-                "backbone_lr_factor": 1.0,
-                "layer_decay": None,
-            },
-            "prune.ratio": c.prune_ratio,
-            "prune.method": c.method,
-            "train.epochs": c.epochs,
-        },
-    )
-    return _train_stage(p, "compress", validate(raw), "compress")
+    from raycv.compress.run import run_compress
+
+    raw = _finetune_config(p).model_dump(mode="json")
+    raw["compress"] = p.cfg.compress.model_dump(mode="json")
+    raw["distill"] = p.cfg.distill.model_dump(mode="json")
+    folder = p.folder("compress")
+    return run_compress(p.folder("finetune"), validate(raw), local=p.local, at=folder).path
 
 
-STAGES.add("compress", Stage(lambda cfg: cfg.pipeline.compress.prune_ratio > 0, _compress))
+STAGES.add("compress", Stage(lambda cfg: cfg.compress.requested, _compress))
 
 
 def _export(p: Pipeline) -> Path:
@@ -179,7 +177,8 @@ STAGES.add("export", Stage(lambda cfg: cfg.pipeline.export, _export))
 
 
 def _report(p: Pipeline) -> Path:
-    from raycv.report import evaluate_final, write_report
+    from raycv.report.evaluation import evaluate_final
+    from raycv.report.write import write_report
 
     p.write_manifest("finished")  # the report reads the stage table and status from it
     write_report(p.run.path, evaluate_final(p.run.path))
@@ -214,7 +213,8 @@ def start(given: dict[str, Any], cfg: Config, resume: str | bool | None) -> Pipe
         run = RunFolder.find(
             cfg.run.storage, cfg.experiment, "pipeline", None if resume is True else resume
         )
-        given = yaml.safe_load((run.path / GIVEN_FILE).read_text())
+        saved = run.path / GIVEN_FILE
+        given = restore_secrets(yaml.safe_load(saved.read_text()), given, saved)
         cfg = validate(given)
         manifest = read_manifest(run.path) or {}
         return Pipeline(
@@ -226,7 +226,7 @@ def start(given: dict[str, Any], cfg: Config, resume: str | bool | None) -> Pipe
         )
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "pipeline")
     run.config.write_text(dump_config(cfg))
-    (run.path / GIVEN_FILE).write_text(yaml.safe_dump(given, sort_keys=False))
+    (run.path / GIVEN_FILE).write_text(yaml.safe_dump(redact(given), sort_keys=False))
     return Pipeline(run, given, cfg)
 
 

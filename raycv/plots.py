@@ -118,34 +118,37 @@ def transfer_vs_scratch(
     return _save(fig, out)
 
 
-def compression_bars(
-    before: dict[str, float],
-    after: dict[str, float],
-    out: Path,
-    labels: tuple[str, str] = ("before", "after"),
-) -> Path:
-    """Each quantity in both ``before`` and ``after`` (params, MACs, latency, size, accuracy)
-    as a pair of bars relative to ``before``, the ratio written over the ``after`` bar."""
-    keys = [k for k in before if k in after and before[k] and after[k] is not None]
-    ratios = [after[k] / before[k] for k in keys]
-    x = np.arange(len(keys))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.3 * max(len(keys), 1), 4.5))
-    ax.bar(x - 0.2, [1.0] * len(keys), width=0.4, color="C7", label=labels[0])
-    bars = ax.bar(x + 0.2, ratios, width=0.4, color="C0", label=labels[1])
-    for bar, ratio in zip(bars, ratios):
-        ax.annotate(
-            f"{ratio:.2f}x",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
+def compression_tradeoff(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Left: each variant's accuracy against its latency (the first batch size timed), the
+    original marked; right: params, MACs, file size and latency relative to the original."""
+    batch = next(iter(rows[0]["latency_ms"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for i, r in enumerate(rows):
+        left.scatter(r["latency_ms"][batch], r["val_acc"], color=f"C{i % 10}", s=40)
+        left.annotate(
+            f"{i}",
+            (r["latency_ms"][batch], r["val_acc"]),
+            xytext=(4, 4),
+            textcoords="offset points",
             fontsize=8,
         )
-    ax.set_xticks(x, keys)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set(title=f"{labels[1]} relative to {labels[0]}", ylabel="ratio")
-    ax.set_ylim(0, max([1.0, *ratios]) * 1.3)  # room for the legend above the bars
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="upper center", ncols=2)
+    left.set(
+        title=f"accuracy against latency (batch {batch})", xlabel="latency (ms)", ylabel="val acc"
+    )
+    left.grid(alpha=0.3)
+    quantities = {"params": "params", "MACs": "macs", "file": "file_bytes"}
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        values = [r[key] / rows[0][key] for key in quantities.values()]
+        values.append(r["latency_ms"][batch] / rows[0]["latency_ms"][batch])
+        x = np.arange(len(values)) + (i - (len(rows) - 1) / 2) * width
+        right.bar(x, values, width=width, color=f"C{i % 10}", label=f"{i}: {r['variant']}")
+    right.set_xticks(np.arange(len(quantities) + 1), [*quantities, f"latency b{batch}"])
+    right.axhline(1.0, color="grey", linewidth=0.8)
+    right.set(title="relative to the original (0)", ylabel="ratio")
+    right.grid(alpha=0.3, axis="y")
+    fig.legend(loc="lower center", ncols=2, fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.12 + 0.04 * ((len(rows) + 1) // 2))
     return _save(fig, out)
 
 

@@ -37,8 +37,7 @@ import ray
 import ray.data
 import torch
 
-from raycv import checkpoint
-from raycv.artifacts import checkpoint_file, load_trained
+from raycv.artifacts import checkpoint_file, load_checkpoint, load_trained
 from raycv.config import Config, dump_config, from_dict
 from raycv.data.augment import build_preset
 from raycv.data.images import decode_batch
@@ -67,7 +66,7 @@ def run_predict(
     """Predict the class of every file under ``paths`` with the model of ``artifact`` (any
     run folder, checkpoint folder or checkpoint file); returns the run folder."""
     file = checkpoint_file(artifact).resolve()
-    saved = checkpoint.load(file)  # the driver needs only the config and the class names
+    saved = load_checkpoint(file)  # the driver needs only the config and the class names
     cfg, class_names = from_dict(saved["config"]), list(saved["class_names"])
     del saved
     if top_k < 1:

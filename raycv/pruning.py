@@ -8,10 +8,12 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
@@ -35,8 +37,10 @@ class Pruner(Protocol):
         cfg: PruneConfig,
         example_inputs: torch.Tensor,
         protected: list[nn.Module],
+        batches: Batches = (),
     ) -> nn.Module:
-        """Prune ``model`` (in place) at ``cfg.ratio``, leaving ``protected`` layers alone."""
+        """Prune ``model`` (in place) at ``cfg.ratio``, leaving ``protected`` layers alone;
+        ``batches`` feed importances that need gradients."""
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Keep the pruning valid while ``optimizer`` trains ``model``."""
@@ -62,7 +66,23 @@ CHANNEL_PRUNABLE: frozenset[str] = frozenset(
         "inception_v3",
     }
 )
-IMPORTANCE_NORMS = {"l1": 1, "l2": 2}
+
+
+@dataclass(frozen=True)
+class Importance:
+    """How channels are ranked; ``needs_gradients``: on a few labelled training batches."""
+
+    build: Callable[[], tp.importance.Importance]
+    needs_gradients: bool = False
+
+
+IMPORTANCES: Registry[Importance] = Registry("importance")
+IMPORTANCES.add("l1", Importance(functools.partial(tp.importance.MagnitudeImportance, p=1)))
+IMPORTANCES.add("l2", Importance(functools.partial(tp.importance.MagnitudeImportance, p=2)))
+# First-order Taylor: |weight x d loss / d weight| summed per channel, the loss change that
+# removing the channel would cause (Molchanov et al. 2019).
+IMPORTANCES.add("taylor", Importance(tp.importance.TaylorImportance, needs_gradients=True))
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images, labels)
 
 
 class _RoundedPruner(tp.pruner.BasePruner):
@@ -92,7 +112,8 @@ def _forward_with_aux_heads(model: nn.Module, example_inputs: torch.Tensor) -> A
 class ChannelPruner:
     """Structured pruning: removes whole channels, found through torch-pruning's dependency
     graph together with the inputs of every layer that reads them, ranked by the L1 or L2
-    norm of their weights. The model really gets smaller and faster. One-shot."""
+    norm of their weights or by first-order Taylor on training batches. The model really
+    gets smaller and faster. One step (``raycv compress`` iterates)."""
 
     def supports(self, model_name: str) -> bool:
         return model_name in CHANNEL_PRUNABLE
@@ -103,8 +124,10 @@ class ChannelPruner:
         cfg: PruneConfig,
         example_inputs: torch.Tensor,
         protected: list[nn.Module],
+        batches: Batches = (),
     ) -> nn.Module:
         was_training = model.training
+        importance = IMPORTANCES.get(cfg.importance)
         with warnings.catch_warnings():
             # ConvNeXt's layer_scale (C, 1, 1) is a bare parameter; torch-pruning prunes its
             # last non-singleton dim, the right one, but warns about it on every build.
@@ -112,9 +135,9 @@ class ChannelPruner:
             pruner = _RoundedPruner(
                 model,
                 example_inputs,
-                importance=tp.importance.MagnitudeImportance(p=IMPORTANCE_NORMS[cfg.importance]),
+                importance=importance.build(),
                 pruning_ratio=cfg.ratio,
-                global_pruning=cfg.global_pruning,
+                global_pruning=bool(cfg.global_pruning),  # default: per layer
                 ignored_layers=protected,
                 round_to=cfg.round_to,
                 forward_fn=_forward_with_aux_heads,
@@ -123,7 +146,10 @@ class ChannelPruner:
                 in_channel_groups={},
                 out_channel_groups={},
             )
+        if importance.needs_gradients:
+            _accumulate_gradients(model, batches)
         pruner.step()
+        model.zero_grad(set_to_none=True)
         model.train(was_training)  # tracing left the model in eval mode
         return model
 
@@ -131,11 +157,24 @@ class ChannelPruner:
         """Nothing to keep: the removed channels no longer exist."""
 
 
+def _accumulate_gradients(model: nn.Module, batches: Batches) -> None:
+    """The summed cross-entropy gradients of ``batches``, left in each parameter's ``grad``
+    for the importance to read; eval mode, so BatchNorm statistics stay as trained."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    seen = 0
+    for images, labels in batches:
+        F.cross_entropy(model(images), labels, reduction="sum").backward()
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError("Taylor importance needs labelled training batches; none were given")
+
+
 class L1UnstructuredPruner:
     """Unstructured pruning: zeroes the weights of smallest magnitude, ranked together across
-    all conv and linear layers but the heads. The tensors keep their shapes, so dense latency
-    and MACs are unchanged; only ``nonzero_params`` falls (the gain needs sparse kernels or
-    compression)."""
+    all conv and linear layers but the heads (per layer with ``global_pruning: false``).
+    The tensors keep their shapes, so dense latency and MACs are unchanged; only
+    ``nonzero_params`` falls (the gain needs sparse kernels or compression)."""
 
     def supports(self, model_name: str) -> bool:
         return True
@@ -146,9 +185,16 @@ class L1UnstructuredPruner:
         cfg: PruneConfig,
         example_inputs: torch.Tensor,
         protected: list[nn.Module],
+        batches: Batches = (),
     ) -> nn.Module:
         targets = [(layer, "weight") for layer in _weighted_layers(model, protected)]
-        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=cfg.ratio)
+        if cfg.global_pruning is False:  # each layer loses the same share
+            for layer, name in targets:
+                prune.l1_unstructured(layer, name, amount=cfg.ratio)
+        else:  # the default: the smallest weights of all layers ranked together
+            prune.global_unstructured(
+                targets, pruning_method=prune.L1Unstructured, amount=cfg.ratio
+            )
         for layer, name in targets:
             prune.remove(layer, name)  # plain ``weight`` again: no weight_orig/weight_mask
         return model
@@ -205,8 +251,11 @@ def protected_layers(model: nn.Module, model_name: str) -> list[nn.Module]:
     return found
 
 
-def prune_model(model: nn.Module, model_name: str, cfg: PruneConfig, image_size: int) -> nn.Module:
-    """Prune ``model`` as ``cfg`` says; ratio 0 returns it untouched."""
+def prune_model(
+    model: nn.Module, model_name: str, cfg: PruneConfig, image_size: int, batches: Batches = ()
+) -> nn.Module:
+    """Prune ``model`` as ``cfg`` says; ratio 0 returns it untouched. ``batches`` (images,
+    labels) are needed by importances that rank with gradients (taylor)."""
     if cfg.ratio == 0:
         return model
     check_prunable(model_name, cfg.method)
@@ -214,7 +263,8 @@ def prune_model(model: nn.Module, model_name: str, cfg: PruneConfig, image_size:
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     before = _count(model.parameters())
-    model = PRUNERS.get(cfg.method).apply(model, cfg, example, protected_layers(model, model_name))
+    protected = protected_layers(model, model_name)
+    model = PRUNERS.get(cfg.method).apply(model, cfg, example, protected, batches)
     log.info(
         "pruned %s (%s, ratio %.2f): %d -> %d parameters, %d nonzero",
         model_name,

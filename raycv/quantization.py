@@ -29,7 +29,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+from torchao.quantization.pt2e import (
+    allow_exported_model_train_eval,
+    move_exported_model_to_eval,
+)
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer,
@@ -38,7 +42,8 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 
 from raycv.registry import Registry
 
-QUANTIZERS: Registry[Callable[[], Quantizer]] = Registry("quantizer")
+# name -> quantizer, for post-training (qat=False) or quantization-aware training (qat=True)
+QUANTIZERS: Registry[Callable[[bool], Quantizer]] = Registry("quantizer")
 
 # Exported graphs take any batch size; an example batch of 2 keeps export from
 # specialising the batch dimension to 1.
@@ -47,12 +52,13 @@ _EXAMPLE_BATCH = 2
 
 
 @QUANTIZERS.register("int8")
-def x86_int8() -> Quantizer:
+def x86_int8(qat: bool = False) -> Quantizer:
     """Static int8 for x86 CPUs (oneDNN kernels through inductor): activations uint8 per
-    tensor from histograms of the calibration batches, weights int8 per output channel
-    (symmetric); conv, linear, pooling and flatten quantized, BatchNorm folded first."""
+    tensor from histograms of the calibration batches (or learnt ranges in QAT), weights
+    int8 per output channel (symmetric); conv, linear, pooling and flatten quantized,
+    BatchNorm folded."""
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config())
+    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
     return quantizer
 
 
@@ -66,10 +72,11 @@ def quantize(
     (N, 3, S, S) with S = ``image_size``, preprocessed as for evaluation); ``model`` itself
     is left unchanged.
 
-    The result is an inference-only graph module on the CPU: it takes any batch size, and
-    its ``train()``/``eval()`` raise, as for every module ``torch.export`` makes.
+    The result is an inference-only graph module on the CPU that takes any batch size;
+    ``eval()`` and ``train()`` are accepted (and change nothing: BatchNorm is folded), so
+    code written for ordinary modules runs it.
     """
-    quantizer = QUANTIZERS.get(method)()
+    quantizer = QUANTIZERS.get(method)(False)
     model = _on_cpu(model)
     was_training = model.training
     try:
@@ -85,9 +92,40 @@ def quantize(
                     f"{method} quantization needs calibration batches to set its activation "
                     "ranges; pass a few batches of evaluation-preprocessed images"
                 )
-            return _without_unused_tensors(convert_pt2e(prepared))
+            return allow_exported_model_train_eval(_without_unused_tensors(convert_pt2e(prepared)))
     finally:
         model.train(was_training)
+
+
+def quantize_aware(
+    model: nn.Module,
+    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    image_size: int,
+    epochs: int,
+    lr: float,
+    method: str = "int8",
+) -> torch.fx.GraphModule:
+    """``model`` fine-tuned with int8 fake quantization in the forward pass (QAT) for
+    ``epochs`` passes over ``batches()`` ((images, labels), training-augmented), then
+    converted like ``quantize``'s result; ``model`` itself is left unchanged.
+
+    Runs in this process: PT2E's prepared graph is a training export of the whole model,
+    and DDP cannot wrap it the way Ray Train's ``prepare_model`` wraps a module."""
+    quantizer = QUANTIZERS.get(method)(True)
+    # strict export: torch 2.14's non-strict one splits conv-BN-add so that the x86
+    # quantizer's QAT patterns ("more than one output node") refuse ResNet blocks.
+    graph = _export(copy.deepcopy(model).cpu().train(), _example(image_size), strict=True)
+    prepared = prepare_qat_pt2e(graph.module(), quantizer)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
+    for _ in range(epochs):
+        for images, labels in batches():
+            loss = torch.nn.functional.cross_entropy(prepared(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    move_exported_model_to_eval(prepared)  # BatchNorm to running statistics
+    with torch.no_grad():
+        return allow_exported_model_train_eval(_without_unused_tensors(convert_pt2e(prepared)))
 
 
 def save_quantized(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -109,7 +147,7 @@ def load_quantized(path: str | os.PathLike) -> torch.fx.GraphModule:
     if not path.is_file():
         raise FileNotFoundError(f"no quantized model at {path}; write one with save_quantized")
     _check_no_pickles(path)
-    return torch.export.load(path).module()
+    return allow_exported_model_train_eval(torch.export.load(path).module())
 
 
 def _export(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import subprocess
 import time
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raycv import __version__
+from raycv import __version__, atomic
 from raycv.checkpoint import checkpoint_epochs
+from raycv.config import ConfigError
+from raycv.redact import redact
 
 if TYPE_CHECKING:
     from raycv.config import Config
@@ -30,7 +33,8 @@ class RunFolder:
     @classmethod
     def create(cls, storage: str, experiment: str, stage: str) -> RunFolder:
         """A new folder with a name no earlier run used (Ray resumes a reused name)."""
-        base = Path(storage).expanduser().resolve() / experiment
+        base = storage_root(storage) / check_name(experiment, "experiment")
+        check_name(stage, "stage")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(1000):
             path = base / (f"{stage}-{stamp}" + (f"-{n}" if n else ""))
@@ -44,9 +48,9 @@ class RunFolder:
     @classmethod
     def find(cls, storage: str, experiment: str, stage: str, name: str | None) -> RunFolder:
         """The run to resume: ``name`` (a folder or a run name), else the newest ``stage`` run."""
-        base = Path(storage).expanduser().resolve() / experiment
+        base = storage_root(storage) / check_name(experiment, "experiment")
         if name:
-            path = Path(name) if Path(name).is_dir() else base / name
+            path = _named_run(base, name)
             if not (path / "config.yaml").is_file():
                 raise FileNotFoundError(f"--resume {name}: no run folder with a config.yaml there")
             return cls(path.resolve())
@@ -84,6 +88,51 @@ class RunFolder:
         return self.path / "tb"
 
 
+def storage_root(storage: str) -> Path:
+    if "\0" in storage:
+        raise ConfigError(f"run.storage={storage!r} holds a NUL character; give a plain path")
+    return Path(storage).expanduser().resolve()
+
+
+def is_plain_name(name: str) -> bool:
+    """One folder name: never a path that leads elsewhere (``..``, ``/``, an absolute path)
+    or one the file system cannot hold (NUL)."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def check_name(name: str, what: str) -> str:
+    if not is_plain_name(name):
+        raise ConfigError(
+            f"{what}={name!r} is not a plain name: use one folder name, without '/', "
+            "'\\', NUL or '..'"
+        )
+    return name
+
+
+def inside(folder: Path, relative: str, what: str) -> Path:
+    """``folder / relative`` for a path read from a manifest, which must stay in ``folder``."""
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or ".." in parts or "\0" in relative:
+        raise ConfigError(
+            f"{folder / 'manifest.json'} names {what}={relative!r}, which leads out of "
+            "its folder: the manifest is damaged or was edited; use the run's own files"
+        )
+    return folder / relative
+
+
+def _named_run(base: Path, name: str) -> Path:
+    """``--resume RUN``: a folder the user names on the command line, else the name of a
+    run under ``base``."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    if not is_plain_name(name):
+        raise ConfigError(
+            f"--resume {name!r}: no such folder, and not a run name (one folder name under "
+            f"{base}, without '/', '\\', NUL or '..')"
+        )
+    return base / name
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -92,17 +141,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def best_of(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     """The row with the highest (``mode="max"``) or lowest ``metric``; rows without it, or
-    with None, are left out."""
-    scored = [r for r in rows if r.get(metric) is not None]
+    with None, are left out, and so are diverged ones (``_diverged``)."""
+    scored = [r for r in rows if r.get(metric) is not None and not _diverged(r, metric)]
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
 
 
+def _diverged(row: dict[str, Any], metric: str) -> bool:
+    """A NaN or infinite metric or loss. An epoch whose last step blew the weights up still
+    reports: its val loss is NaN while its accuracy (argmax of NaN logits) can look like a
+    number, and that checkpoint must never become the best one. NaN also breaks max/min."""
+    values = [row[metric], *(v for k, v in row.items() if k.endswith("_loss"))]
+    return any(isinstance(v, float) and not math.isfinite(v) for v in values)
+
+
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def code_version() -> str:
@@ -147,9 +202,7 @@ class MetricsRecorder:
         metrics["worker_nodes"] = [m.get("node") for m in per_worker]
         history = [m for m in read_metrics(self.run.metrics) if m["epoch"] < metrics["epoch"]]
         history.append(metrics)
-        tmp = self.run.metrics.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-        tmp.replace(self.run.metrics)
+        atomic.write_text(self.run.metrics, "".join(json.dumps(m) + "\n" for m in history))
         self._tensorboard(metrics)
         if saved and self.best(history) is metrics:
             _replace_tree(Path(saved), self.run.best)
@@ -207,16 +260,14 @@ def write_manifest(
     parent: str | None = None,
 ) -> None:
     """What a run folder is, what produced it (config, code version, parent), and ``extra``
-    (metrics, paths, ...)."""
-    write_json(
-        run.manifest,
-        {
-            "kind": kind,
-            "status": status,
-            "parent": parent,
-            "code_version": code_version(),
-            "experiment": cfg.experiment,
-            "model": cfg.model.name,
-            **(extra or {}),
-        },
-    )
+    (metrics, paths, ...); secret-like keys are redacted (``raycv.redact``)."""
+    manifest = {
+        "kind": kind,
+        "status": status,
+        "parent": parent,
+        "code_version": code_version(),
+        "experiment": cfg.experiment,
+        "model": cfg.model.name,
+        **(extra or {}),
+    }
+    write_json(run.manifest, redact(manifest))

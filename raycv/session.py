@@ -46,9 +46,10 @@ def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
         return
     num_cpus = num_cpus or local_cpus(cfg)
     # The dashboard stays on: Train's placement-group cleanup needs the State API it serves.
+    # It listens on this machine only unless run.dashboard_host opens it on purpose.
     ray.init(
         num_cpus=num_cpus,
-        dashboard_host="127.0.0.1",
+        dashboard_host=cfg.run.dashboard_host,
         # Ray Data's per-epoch "execution finished" lines, and Ray's own deprecation
         # warnings from inside its actors, would drown the progress lines.
         runtime_env={

@@ -14,11 +14,13 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycv import plots
+from raycv import checkpoint, plots
 from raycv.checkpoint import checkpoint_epochs
-from raycv.config import Config, ConfigError, dump_config, load_config
+from raycv.config import Config, ConfigError, dump_config, load_saved
 from raycv.data.pipeline import build_streams
-from raycv.errors import RunFailedError
+from raycv.distill import check_teacher_classes, resolve_teacher
+from raycv.doctor import require_fit
+from raycv.errors import DataError, NonFiniteLossError, RunFailedError
 from raycv.finetune.sources import apply_source
 from raycv.loop import RunInfo, recorder, train_func
 from raycv.runs import MetricsRecorder, RunFolder, read_metrics, write_manifest
@@ -45,9 +47,10 @@ def prepare_run(
     cfg: Config, stage: str, resume: str | bool | None, at: Path | None = None
 ) -> tuple[Config, RunFolder]:
     """A new run folder, or the one being resumed (whose saved config wins). ``at`` fixes
-    the folder (a pipeline's stage): started there before means resumed."""
+    the folder (a pipeline's stage): started there before means resumed. Secrets redacted
+    in the saved config come from ``cfg``."""
     if at is not None and (at / "config.yaml").is_file():
-        return load_config(at / "config.yaml"), RunFolder(at)
+        return load_saved(at / "config.yaml", cfg), RunFolder(at)
     if at is not None:
         at.mkdir(parents=True, exist_ok=True)
         run = RunFolder(at)
@@ -57,7 +60,7 @@ def prepare_run(
         run = RunFolder.find(
             cfg.run.storage, cfg.experiment, stage, None if resume is True else resume
         )
-        saved = load_config(run.config)
+        saved = load_saved(run.config, cfg)
         if saved.model_dump() != cfg.model_dump():
             log.warning("resuming %s with the config saved there, not the one given now", run.path)
         return saved, run
@@ -80,6 +83,7 @@ def run_train(
     if stage == "finetune" and not cfg.finetune.source:
         raise ConfigError("raycv finetune needs --from SOURCE (or finetune.source in the config)")
     cfg = apply_source(cfg)  # before Ray starts: a bad source fails here, in one line
+    cfg = resolve_teacher(cfg)
     cfg, run = prepare_run(cfg, stage, resume, at)
     started = time.time()
     log.info("run folder: %s", run.path)
@@ -100,7 +104,11 @@ def fit(
     """Fit one TorchTrainer whose files land in ``run``; returns the unreadable files skipped.
 
     Raises RunFailedError (one line, with the fix) when the workers fail for good."""
+    if not local:
+        require_fit(cfg.scaling)  # before decoding: Ray Train would wait for them forever
     streams = build_streams(cfg)
+    check_teacher_classes(cfg, streams.class_names)
+    check_resumed_classes(run, streams.class_names)
     info = RunInfo(str(run.path), streams.class_names, streams.num_train, local)
     if progress:
         log.info(
@@ -128,15 +136,40 @@ def fit(
     )
     try:
         trainer.fit()
-    except ray.train.TrainingFailedError as e:
+    # Local mode runs the loop in this process, so the loop's own error arrives unwrapped.
+    except (ray.train.TrainingFailedError, NonFiniteLossError) as e:
         reason = describe_failure(e)
-        failed = {**extra, "error": reason}
+        # The paths make the best epoch so far usable: eval, export and --from take the run.
+        failed = {**extra, "error": reason, "paths": _paths(run, None)}
         write_manifest(run, cfg, "failed", failed, kind, parent=cfg.finetune.source)
-        raise RunFailedError(
-            f"training failed: {reason}; finished epochs are kept in {run.path} "
-            "(fix the cause, then add --resume)"
-        ) from e
+        raise RunFailedError(f"training failed: {reason}; {failure_hint(reason, run)}") from e
     return streams.skipped
+
+
+def check_resumed_classes(run: RunFolder, class_names: list[str]) -> None:
+    """A run that resumes continues checkpoints with one output per class: the data must
+    still hold the same classes in the same order (a class folder added or renamed since
+    would otherwise fail inside every worker with a shape mismatch)."""
+    saved = checkpoint_epochs(run.checkpoints)
+    if not saved:
+        return
+    known = list(checkpoint.load_latest_good(saved)["class_names"])
+    if known != class_names:
+        raise DataError(
+            f"{run.path} was trained on the classes {known}, the data now has {class_names}; "
+            "restore the data's class folders to resume, or start a new run"
+        )
+
+
+def failure_hint(reason: str, run: RunFolder) -> str:
+    """What to do after a failed run: what is kept, and how to go on."""
+    if reason.startswith(NonFiniteLossError.__name__):
+        # --resume would continue the diverged weights with the saved learning rate.
+        kept = (
+            f"the best epoch so far is in {run.best}" if run.best.is_dir() else "no epoch finished"
+        )
+        return f"{kept}; start a new run with a lower optimizer.lr"
+    return f"finished epochs are kept in {run.path} (fix the cause, then add --resume)"
 
 
 def describe_failure(error: Exception) -> str:

@@ -310,7 +310,10 @@ def subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "") 
     return found
 
 
-COMMANDS = ["data preview", "eval", "export", "finetune", "pipeline", "predict", "train", "tune"]
+COMMANDS = [
+    "compress", "data preview", "doctor", "eval", "export", "finetune", "pipeline", "predict",
+    "train", "tune",
+]  # fmt: skip
 
 
 def test_cli_commands_are_the_documented_ones():

@@ -89,6 +89,7 @@ def test_torchscript_and_onnx_match_pytorch(exported):
         "manifest.json",
         "model.onnx",
         "model.pt",
+        "model.pt.sha256",
         "model.torchscript.pt",
         "model_card.json",
         "model_card.md",

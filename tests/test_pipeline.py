@@ -83,7 +83,8 @@ def test_each_stage_names_its_parent(pipeline):
     assert read_manifest(path / "finetune")["parent"] == pretrain_ckpt
     assert read_manifest(path / "scratch")["parent"] is None
     assert read_manifest(path / "compress")["parent"] == finetune_ckpt
-    assert read_manifest(path / "export")["parent"] == str(path / "compress")
+    # export names the run that trained its model: the compress stage's last fine-tuning
+    assert read_manifest(path / "export")["parent"] == str(path / "compress" / "steps" / "prune-1")
     # The final fine-tune ran the sweep's best config under a fresh run folder.
     best = yaml.safe_load((path / "tune" / "best.yaml").read_text())
     finetune_cfg = yaml.safe_load((path / "finetune" / "config.yaml").read_text())
@@ -102,6 +103,10 @@ def test_compress_stage_pruned_the_fine_tuned_model(pipeline):
     after = read_manifest(path / "compress")["metrics"]["best"]
     assert after["params"] < 0.5 * before["params"]
     assert after["macs"] < 0.5 * before["macs"]
+    rows = read_manifest(path / "compress")["compression"]
+    assert [r["method"] for r in rows] == ["original", "prune", "prune", "quantize"]
+    assert rows[0]["params"] == before["params"] and rows[2]["val_acc"] == after["val_acc"]
+    assert (path / "compress" / rows[3]["file"]).suffix == ".pt2"
     best_trial = read_manifest(path / "tune")["best_trial"]
     assert checkpoint_file(path / "tune") == path / "tune" / "trials" / best_trial / "best" / (
         "checkpoint.pt"

@@ -181,6 +181,21 @@ def test_l1_unstructured_zeroes_the_ratio_and_keeps_shapes():
     assert torch.equal(model.fc.bias, base.fc.bias)
 
 
+def test_l1_unstructured_per_layer_zeroes_the_ratio_in_every_layer():
+    cfg = PruneConfig(method="l1_unstructured", ratio=0.4, global_pruning=False)
+    model = prune_model(build(), "resnet18", cfg, SIZE)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shares = [sparsity([m.weight]) for m in layers if m is not model.fc]
+    assert all(share == pytest.approx(0.4, abs=0.01) for share in shares)
+    assert sparsity([model.fc.weight]) == 0  # the head is protected
+    # ranked globally (the default), the layers lose very different shares
+    ranked = prune_model(
+        build(), "resnet18", PruneConfig(method="l1_unstructured", ratio=0.4), SIZE
+    )
+    spread = [sparsity([m.weight]) for m in ranked.modules() if isinstance(m, nn.Conv2d)]
+    assert max(spread) - min(spread) > 0.2
+
+
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
     # 64 px, not 32: at 32 px ResNet's last stage sees 1x1 maps, where only the centre tap of
     # each 3x3 kernel gets a gradient, so most pruned weights would stay zero regardless.

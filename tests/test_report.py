@@ -22,10 +22,11 @@ from raycv.data import shapes
 from raycv.evaluate import Predictions, confusion, worst_mistakes
 from raycv.models import create_model
 from raycv.pruning import prune_model
-from raycv.report import evaluate_final, write_report
 from raycv.report import markdown_text as md
+from raycv.report.evaluation import evaluate_final
 from raycv.report.format import fmt_count, fmt_size
 from raycv.report.html_page import to_html
+from raycv.report.write import write_report
 from raycv.runs import RunFolder, best_of, write_json, write_manifest
 
 # TorchScript is deprecated in torch 2.14; the export below still writes one.
@@ -95,6 +96,31 @@ def training_stage(
         kind={"finetune": "finetune", "compress": "compress"}.get(name, "train"),
     )
     return run
+
+
+def compression_table(
+    run: RunFolder, before: model_stats.ModelStats, after: model_stats.ModelStats
+) -> None:
+    """The rows and plot ``raycv.compress`` adds to its folder: the original, then pruned."""
+
+    def row(variant, method, stats, acc, latency):
+        return {
+            "variant": variant, "method": method, "params": stats.params,
+            "nonzero_params": stats.nonzero_params, "macs": stats.macs,
+            "file": "best/checkpoint.pt", "file_bytes": stats.params * 4,
+            "latency_ms": {"1": latency, "32": 8 * latency}, "val_acc": acc, "threads": 1,
+            "runtime": "eager", "epochs": 2,
+        }  # fmt: skip
+
+    rows = [
+        row("original", "original", before, FINETUNE_ACC[-1], 4.0),
+        row("channel 50% (one-shot), fine-tuned 2 epochs", "prune", after, COMPRESS_ACC[-1], 2.0),
+    ]
+    manifest = json.loads(run.manifest.read_text())
+    plot = plots.compression_tradeoff(rows, run.plots / "compression.png")
+    manifest["compression"] = rows
+    manifest["paths"]["plot"] = str(plot.relative_to(run.path))
+    write_json(run.manifest, manifest)
 
 
 def tune_stage(root: Path, cfg: Config) -> RunFolder:
@@ -184,7 +210,7 @@ def pipeline(tmp_path_factory, smoke_at) -> dict:
         smoke_at(storage, tune={"space": {"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}})
     )
     finetune_cfg = from_dict(smoke_at(storage, finetune={"source": WEIGHTS}))
-    compress_cfg = from_dict(smoke_at(storage, prune={"ratio": 0.5}))
+    compress_cfg = from_dict(smoke_at(storage, compress={"prune": {"ratio": 0.5}, "epochs": 2}))
     torch.manual_seed(0)
     model = create_model("resnet18", len(CLASSES), None, 32).eval()
     pruned = prune_model(copy.deepcopy(model), "resnet18", PruneConfig(ratio=0.5), 32).eval()
@@ -194,9 +220,10 @@ def pipeline(tmp_path_factory, smoke_at) -> dict:
     tune_stage(root, tune_cfg)
     training_stage(root, "finetune", finetune_cfg, history(FINETUNE_ACC, stats), 60.0, model)
     training_stage(root, "scratch", cfg, history(SCRATCH_ACC, stats), 58.0)
-    training_stage(
+    compress = training_stage(
         root, "compress", compress_cfg, history(COMPRESS_ACC, pruned_stats), 30.0, pruned
     )
+    compression_table(compress, stats, pruned_stats)
     export_stage(root, cfg, pruned)
     stages = {
         name: {"path": name, "status": "finished", "elapsed_s": elapsed}
@@ -352,23 +379,17 @@ def test_final_model_per_class_accuracy_matches_the_confusion_matrix(report, eva
     assert "report/confusion.png" in text and "report/mistakes.png" in text
 
 
-def test_compression_before_and_after(report, pipeline):
+def test_compression_table(report, pipeline):
     text = section(report["md"], "Compression")
-    assert "pruned (`channel`, ratio 0.5), then fine-tuned again for 2 epochs" in text
-    rows = table_with(text, "")
+    assert "it was pruned (`channel`, ratio 0.5, `l1` importance) and fine-tuned 2 epochs" in text
+    rows = table_with(text, "variant")
     before, after = pipeline["stats"], pipeline["pruned_stats"]
-    assert rows["Parameters"][1:] == [
-        fmt_count(before.params),
-        fmt_count(after.params),
-        f"{after.params / before.params:.2f}×",
-    ]
-    assert rows["MACs (one image)"][3] == f"{after.macs / before.macs:.2f}×"
-    assert float(rows["MACs (one image)"][3].rstrip("×")) < 0.6
-    assert "1 thread" in next(k for k in rows if k.startswith("Latency"))
-    # fp32 weights: 4 bytes per parameter (plus BatchNorm buffers)
-    before_mb = float(rows["Weights (state dict)"][1].split()[0])
-    assert before.params * 4 / 1e6 < before_mb < before.params * 4.1 / 1e6
-    assert rows["Best val acc"][1:] == ["90.0 %", "87.0 %", "-3.0 points"]
+    original, pruned = rows["original"], rows["channel 50% (one-shot), fine-tuned 2 epochs"]
+    assert original[1:3] == [fmt_count(before.params), fmt_count(before.macs)]
+    assert pruned[1:3] == [fmt_count(after.params), fmt_count(after.macs)]
+    assert pruned[4:8] == ["2.00 ms", "16.00 ms", "2.00×", "2.00×"]  # latency b1, b32, speed-ups
+    assert pruned[8:] == ["87.0 %", "-3.0 pts"]
+    assert "1 thread(s), eager runtime" in text
     assert "report/compression.png" in text
 
 
@@ -501,7 +522,7 @@ def test_interrupted_pipeline_renders(tmp_path, smoke):
         assert rows_by_stage[name][1] == "not run"
     assert "No baseline trained from scratch (`scratch` stage: not run)" in md
     assert "No sweep (`tune` stage: not run)" in md
-    assert "No compression stage (`compress`: not run)" in md
+    assert "No compression table (`compress`: not run)" in md
     assert "Nothing exported (`export` stage: not run)" in md
     assert "has not trained its final model yet" in md
     # the curves are drawn from metrics.jsonl when the stage never got to draw them

@@ -17,6 +17,8 @@ from raycv.errors import BadImageError
 
 # A decompression bomb check that still admits large real photos (e.g. 20,000 px panoramas).
 Image.MAX_IMAGE_PIXELS = 400_000_000
+REDUCE_MARGIN = 2  # the final resize still averages at least 2 x 2 pixels into one
+REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"})  # PIL reduces these
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -34,6 +36,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def shrink(img: Image.Image, size: int) -> Image.Image:
+    """A large image box-reduced by an integer factor in its own mode, its shorter side
+    kept at least twice ``size``. Only JPEG decodes at reduced scale (``draft``): a
+    20,000-px PNG is otherwise transposed, converted and cropped at full size, each step
+    a full-size copy. Palette images are left whole (averaging palette indices would
+    invent colours), as are 16-bit ones (PIL cannot reduce them)."""
+    factor = min(img.size) // (REDUCE_MARGIN * size)
+    if factor < 2 or img.mode not in REDUCIBLE_MODES:
+        return img
+    return img.reduce(factor)
+
+
 def decode(data: bytes, path: str, size: int) -> np.ndarray:
     """Bytes of an image file -> uint8 (size, size, 3): shorter side resized to ``size``,
     then centre-cropped, so each epoch's augmentation starts from a small cached array."""
@@ -42,8 +56,9 @@ def decode(data: bytes, path: str, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
-            img = to_rgb(ImageOps.exif_transpose(img))  # rotate first: to_rgb drops EXIF
-            img.load()
+            # Rotate first (to_rgb drops EXIF), in place: no full-size copy when upright.
+            ImageOps.exif_transpose(img, in_place=True)
+            img = to_rgb(shrink(img, size))
     except Exception as e:  # PIL raises many types for broken files
         raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)

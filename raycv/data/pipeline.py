@@ -19,6 +19,7 @@ AUGMENT_BATCH = 64  # large enough to amortise the fused warp, small enough to s
 class Streams:
     train: ray.data.Dataset
     val: ray.data.Dataset
+    train_eval: ray.data.Dataset  # the train split prepared as for evaluation (calibration)
     class_names: list[str]
     num_train: int
     num_val: int
@@ -28,19 +29,39 @@ class Streams:
 def build_streams(cfg: Config) -> Streams:
     source = SOURCES.get(cfg.data.source)(cfg)
     num_train, num_val = source.train.count(), source.val.count()
-    if num_train == 0 or num_val == 0:
-        raise DataError(f"no readable images left (train {num_train}, val {num_val}); check data.*")
-    workers = cfg.scaling.num_workers
-    if num_train // workers < cfg.train.batch_size // workers * cfg.train.grad_accum_steps:
-        raise DataError(
-            f"train.batch_size={cfg.train.batch_size} (x{cfg.train.grad_accum_steps} accumulation) "
-            f"is larger than the {num_train} training images; lower train.batch_size"
-        )
+    check_sizes(cfg, num_train, num_val, len(source.skipped))
     size, aug = cfg.model.image_size, cfg.augment
     train = source.train.map_batches(
         build_preset(aug.train_preset, aug, size), batch_size=AUGMENT_BATCH, batch_format="numpy"
     )
-    val = source.val.map_batches(
-        build_preset(aug.eval_preset, aug, size), batch_size=AUGMENT_BATCH, batch_format="numpy"
-    )
-    return Streams(train, val, source.class_names, num_train, num_val, source.skipped)
+    prepare = build_preset(aug.eval_preset, aug, size)
+    val = source.val.map_batches(prepare, batch_size=AUGMENT_BATCH, batch_format="numpy")
+    # Lazy like the others: only calibration and Taylor pruning ever read it.
+    train_eval = source.train.map_batches(prepare, batch_size=AUGMENT_BATCH, batch_format="numpy")
+    return Streams(train, val, train_eval, source.class_names, num_train, num_val, source.skipped)
+
+
+def check_sizes(cfg: Config, num_train: int, num_val: int, skipped: int) -> None:
+    """Refuse data that cannot be validated or give each worker one step per epoch,
+    before any worker starts."""
+    if num_train == 0 or num_val == 0:
+        which = "training" if num_train == 0 else "validation"
+        hint = "" if num_train == 0 else " (or remove the val folder: data.val_fraction carves one)"
+        raise DataError(
+            f"the {which} split has no readable images (train {num_train}, val {num_val}, "
+            f"{skipped} unreadable files skipped); add images to it{hint}"
+        )
+    workers, accum = cfg.scaling.num_workers, cfg.train.grad_accum_steps
+    if num_train // workers < cfg.train.batch_size // workers * accum:
+        # The largest batch that still gives every worker one full step per epoch.
+        largest = workers * (num_train // workers // accum)
+        fix = (
+            f"set train.batch_size={largest} or lower"
+            if largest
+            else "use fewer scaling.num_workers or train.grad_accum_steps, or more images"
+        )
+        raise DataError(
+            f"train.batch_size={cfg.train.batch_size} (x{accum} accumulation, {workers} "
+            f"workers) is larger than the {num_train} training images: not one step per "
+            f"epoch; {fix}"
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -99,7 +100,7 @@ class _Decode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, errors = decode_batch(batch["bytes"], batch["path"], self.size)
-        labels = [self.class_index[posixpath.basename(posixpath.dirname(p))] for p in batch["path"]]
+        labels = [self.class_index[_class_of(p)] for p in batch["path"]]
         return {
             "image": images,
             "label": np.asarray(labels, dtype=np.int64),
@@ -108,10 +109,39 @@ class _Decode:
         }
 
 
+@dataclass(frozen=True)
+class FolderSplit:
+    """An ImageFolder's classes and the files of each split, listed before any decoding."""
+
+    classes: list[str]
+    train: list[str]
+    val: list[str]
+
+
 @SOURCES.register("folder")
 def folder_source(cfg: Config) -> SourceData:
+    fs, root = _filesystem(cfg.data.folder.root)
+    split = find_split(fs, root, cfg)
+    decoder = _Decode({c: i for i, c in enumerate(split.classes)}, cfg.working_size)
+    fail = cfg.data.bad_images == "fail"
+    train, bad_train = _decoded(split.train, fs, decoder, fail)
+    if bad_train:  # skipped files may have emptied a class
+        check_classes_left(split.classes, split.train, bad_train)
+    val, bad_val = _decoded(split.val, fs, decoder, fail)
+    if bad_train or bad_val:
+        log.warning(
+            "skipped %d unreadable files, e.g. %s",
+            len(bad_train + bad_val),
+            (bad_train + bad_val)[0],
+        )
+    return SourceData(split.classes, train, val, bad_train + bad_val)
+
+
+def find_split(fs: pafs.FileSystem, root: str, cfg: Config) -> FolderSplit:
+    """The classes and the train and val files under ``root``: ``val_split`` when it is
+    there, else ``data.val_fraction`` of the training files, carved with a fixed seed.
+    Only lists files, so a folder that cannot work fails in a second."""
     f = cfg.data.folder
-    fs, root = _filesystem(f.root)
     train_dir = posixpath.join(root, f.train_split)
     if _info(fs, train_dir).type != pafs.FileType.Directory:
         train_dir = root  # no split folders: the root holds the class folders
@@ -119,26 +149,60 @@ def folder_source(cfg: Config) -> SourceData:
     train_files = _list_files(fs, train_dir, classes)
     val_dir = posixpath.join(root, f.val_split)
     if train_dir != root and _info(fs, val_dir).type == pafs.FileType.Directory:
-        val_files = _list_files(fs, val_dir, classes)
+        split = FolderSplit(classes, train_files, _list_files(fs, val_dir, classes))
     else:
+        if train_dir != root:
+            _warn_unused_splits(fs, root, cfg)
         train_idx, val_idx = split_indices(
             len(train_files), cfg.data.val_fraction, cfg.data.split_seed
         )
-        train_files, val_files = (
-            [train_files[i] for i in train_idx],
-            [train_files[i] for i in val_idx],
+        split = FolderSplit(
+            classes, [train_files[i] for i in train_idx], [train_files[i] for i in val_idx]
         )
-    decoder = _Decode({c: i for i, c in enumerate(classes)}, cfg.working_size)
-    fail = cfg.data.bad_images == "fail"
-    train, bad_train = _decoded(train_files, fs, decoder, fail)
-    val, bad_val = _decoded(val_files, fs, decoder, fail)
-    if bad_train or bad_val:
+    check_classes_left(classes, split.train, [])
+    return split
+
+
+def _warn_unused_splits(fs: pafs.FileSystem, root: str, cfg: Config) -> None:
+    """A validation folder under another name (valid/, validation/) would otherwise be
+    ignored without a word while the validation images are carved out of train/."""
+    f = cfg.data.folder
+    others = [name for name in _subfolders(fs, root) if name != f.train_split]
+    if others:
         log.warning(
-            "skipped %d unreadable files, e.g. %s",
-            len(bad_train + bad_val),
-            (bad_train + bad_val)[0],
+            "%s has no %s/ folder: validating on data.val_fraction=%g of %s/, not on %s; "
+            "set data.folder.val_split=%s to validate on it",
+            root,
+            f.val_split,
+            cfg.data.val_fraction,
+            f.train_split,
+            ", ".join(f"{name}/" for name in others),
+            others[0],
         )
-    return SourceData(classes, train, val, bad_train + bad_val)
+
+
+def check_classes_left(classes: list[str], train_files: list[str], bad: list[str]) -> None:
+    """Every class needs training images, and a classifier at least two classes with
+    them: an empty class folder, a carved split or skipped unreadable files can leave
+    fewer than the class folders promise."""
+    skipped = set(bad)
+    counts = Counter(_class_of(p) for p in train_files if p not in skipped)
+    empty = [c for c in classes if not counts[c]]
+    if len(classes) - len(empty) < 2:
+        raise DataError(
+            f"class folders with readable training images: {len(classes) - len(empty)} of "
+            f"{len(classes)}; a classifier needs at least 2: add images to {', '.join(empty)}"
+        )
+    if empty:
+        log.warning(
+            "no readable training images in class folder(s) %s: the model can never predict "
+            "them; add images or remove the folders",
+            ", ".join(empty),
+        )
+
+
+def _class_of(path: str) -> str:
+    return posixpath.basename(posixpath.dirname(path))
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -151,17 +215,23 @@ def _info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
     return fs.get_file_info(path)
 
 
-def _class_names(fs: pafs.FileSystem, directory: str) -> list[str]:
+def _subfolders(fs: pafs.FileSystem, directory: str) -> list[str]:
     entries = fs.get_file_info(pafs.FileSelector(directory))
-    classes = sorted(
+    return sorted(
         e.base_name
         for e in entries
         if e.type == pafs.FileType.Directory and not e.base_name.startswith(".")
     )
+
+
+def _class_names(fs: pafs.FileSystem, directory: str) -> list[str]:
+    classes = _subfolders(fs, directory)
     if len(classes) < 2:
+        found = f" ({classes[0]})" if classes else ""
         raise DataError(
-            f"{directory} has {len(classes)} class folder(s); an ImageFolder needs at least 2 "
-            "(root/<split>/<class>/*.jpg)"
+            f"{directory} has {len(classes)} class folder(s){found}; a classifier needs at "
+            "least 2: put each class's images in a folder of its own, "
+            "root/<class>/*.jpg or root/train/<class>/*.jpg"
         )
     return classes
 
@@ -178,7 +248,10 @@ def _list_files(fs: pafs.FileSystem, directory: str, classes: list[str]) -> list
             if e.type == pafs.FileType.File and not e.base_name.startswith(".")
         )
     if not files:
-        raise DataError(f"{directory} holds no files under its class folders")
+        raise DataError(
+            f"{directory} holds no files under its class folders {', '.join(classes)}; "
+            "put the images in them (<class>/*.jpg)"
+        )
     return files
 
 

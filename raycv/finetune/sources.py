@@ -92,7 +92,7 @@ def _raycv_checkpoint(path: Path, saved: dict[str, Any] | None = None) -> Source
 @FILE_LOADERS.register(".pt")
 @FILE_LOADERS.register(".pth")
 def _torch_file(path: Path) -> Source:
-    saved = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    saved = checkpoint.load(path)  # checksum checked when recorded; never runs pickled code
     if isinstance(saved, dict) and {"model", "config", "class_names"} <= saved.keys():
         return _raycv_checkpoint(path, saved)  # one of ours, with its config
     for key in ("state_dict", "model"):  # common wrappers of a plain state dict

@@ -4,10 +4,6 @@ It reads what each stage left on disk (manifests, metrics.jsonl, configs, plots)
 renders for any pipeline, finished or cut short: a missing stage says "not run". Images
 are copied or drawn under ``report/`` so the markdown stays readable when the folder
 moves; the HTML is the same markdown rendered by Python-Markdown, with every image
-embedded and its own CSS, so the one file opens offline.
+embedded and its own CSS, so the one file opens offline. Entry points:
+``evaluation.evaluate_final`` and ``write.write_report``.
 """
-
-from raycv.report.evaluation import Evaluation, evaluate_final
-from raycv.report.write import write_report
-
-__all__ = ["Evaluation", "evaluate_final", "write_report"]

@@ -13,6 +13,8 @@ import ray
 from ray import tune
 
 from raycv.config import Config
+from raycv.distill import resolve_teacher
+from raycv.doctor import require_fit
 from raycv.finetune.sources import apply_source
 from raycv.runs import RunFolder, write_manifest
 from raycv.session import ensure_ray
@@ -33,12 +35,13 @@ TRIAL_CPU = 0.01  # the trial function's own reservation
 
 def run_tune(cfg: Config, *, resume: str | bool | None = None, at: Path | None = None) -> RunFolder:
     """The sweep; ``at`` fixes its folder (a pipeline's stage), resumed if started before."""
-    cfg = apply_source(cfg)  # trials fine-tune from it: a bad source fails here
+    cfg = resolve_teacher(apply_source(cfg))  # a bad source or teacher fails here
     check_space(cfg)  # before Ray starts: every sampled config must be valid
     resume = resume or (at is not None and (at / "config.yaml").is_file())
     cfg, run = prepare_run(cfg, "tune", resume, at)
     log.info("sweep folder: %s", run.path)
     ensure_ray(cfg, num_cpus=local_sweep_cpus(cfg))
+    require_fit(cfg.scaling)  # a trial's workers must fit, or every trial would fail
     started = time.time()
     write_manifest(run, cfg, status="running", kind="tune")
     concurrent = concurrency(cfg)

@@ -1,0 +1,1 @@
+"""``raycv compress``: pruning, quantization and distillation of a trained model, measured."""

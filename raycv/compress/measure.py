@@ -1,0 +1,135 @@
+"""What each compressed variant costs and how well it does, measured the same way for all:
+parameters, MACs, file size, CPU latency per batch size (median after warm-up, with the
+configured threads and runtime) and top-1 accuracy on the validation split."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.data
+import torch
+from torch import nn
+
+from raycv import model_stats
+from raycv.config import LatencyConfig
+from raycv.evaluate import predictions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Row:
+    """One line of the compression table."""
+
+    variant: str  # what was done, e.g. "channel 50 %, fine-tuned 3 epochs"
+    method: str  # original, student, prune, quantize
+    params: int
+    nonzero_params: int
+    macs: int
+    file: str  # the saved model, relative to the compress run folder
+    file_bytes: int  # its weights saved alone (fp32 state dict), or the int8 archive
+    latency_ms: dict[str, float]  # batch size (as text: JSON keys) -> median ms
+    val_acc: float
+    threads: int
+    runtime: str
+    epochs: int = 0  # fine-tuning epochs this row's model has had in this run
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Costs:
+    params: int
+    nonzero_params: int
+    macs: int
+
+
+def costs_of(model: nn.Module, image_size: int) -> Costs:
+    return Costs(
+        params=sum(p.numel() for p in model.parameters()),
+        nonzero_params=sum(int(p.count_nonzero()) for p in model.parameters()),
+        macs=model_stats.count_macs(model, image_size),
+    )
+
+
+class Measurer:
+    """Measures variants one after another, on the same data and timing settings."""
+
+    def __init__(
+        self,
+        val: ray.data.Dataset,
+        image_size: int,
+        latency: LatencyConfig,
+        batch_size: int,
+        run_dir: Path,
+    ) -> None:
+        self.val = val.materialize()  # prepared once, read by every variant
+        self.image_size = image_size
+        self.latency = latency
+        self.batch_size = batch_size
+        self.run_dir = run_dir
+
+    def row(
+        self,
+        variant: str,
+        method: str,
+        model: nn.Module,
+        file: Path,
+        costs: Costs | None = None,
+        epochs: int = 0,
+        file_bytes: int | None = None,
+    ) -> Row:
+        """``costs`` and ``file_bytes``: given for models whose weights are not parameters
+        (int8 graphs); otherwise the parameters are counted and the state dict's bytes are
+        what saving it alone writes (a checkpoint file also holds the optimizer)."""
+        costs = costs or costs_of(model, self.image_size)
+        lat = self.latency
+        row = Row(
+            variant=variant,
+            method=method,
+            params=costs.params,
+            nonzero_params=costs.nonzero_params,
+            macs=costs.macs,
+            file=_relative(file, self.run_dir),
+            file_bytes=file_bytes or _state_dict_bytes(model),
+            latency_ms={
+                str(b): model_stats.latency_ms(
+                    model, self.image_size, b, lat.threads, lat.repeats, lat.warmup, lat.runtime
+                )
+                for b in lat.batch_sizes
+            },
+            val_acc=self.accuracy(model),
+            threads=lat.threads,
+            runtime=lat.runtime,
+            epochs=epochs,
+        )
+        log.info(
+            "%s: val acc %.4f, latency %s ms", variant, row.val_acc, _fmt_latency(row.latency_ms)
+        )
+        return row
+
+    def accuracy(self, model: nn.Module) -> float:
+        preds = predictions(model, self.val, self.batch_size)
+        return float(np.mean(preds.predicted == preds.labels)) if len(preds.labels) else 0.0
+
+
+def _state_dict_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _relative(file: Path, base: Path) -> str:
+    try:
+        return file.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(file.resolve())
+
+
+def _fmt_latency(latency: dict[str, float]) -> str:
+    return ", ".join(f"{ms:.1f} (batch {b})" for b, ms in latency.items())
