@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     # Our progress at INFO; other libraries (the ONNX exporter's passes, ...) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
+    ours = not _ray_running()  # a Ray this command starts is stopped; a caller's is left alone
     try:
         run = args.handler(args)
     except KeyboardInterrupt:
@@ -28,23 +29,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except _USER_ERRORS as e:
-        _stop_ray()  # first: a worker's late traceback must not print after the error line
+        _stop_ray(ours)  # first: a worker's late traceback must not print after the error line
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
     except RunFailedError as e:
-        _stop_ray()
+        _stop_ray(ours)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    _stop_ray()  # before the last line: Ray forwards its workers' late log lines to stdout
+    _stop_ray(ours)  # before the last line: Ray forwards its workers' late log lines to stdout
     if run is not None:  # doctor makes no run folder: its report was its output
         print(run.path)  # the last line of every command: where its results are
     return 0
 
 
-def _stop_ray() -> None:
+def _ray_running() -> bool:
     ray = sys.modules.get("ray")  # not imported by commands that fail before Ray starts
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray(ours: bool) -> None:
+    if ours and _ray_running():
+        sys.modules["ray"].shutdown()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -15,7 +15,8 @@ from raycv.runs import read_metrics
 from raycv.sweep.objective import make_objective, pareto_front
 from raycv.sweep.space import check_space
 
-GOOD_LR, TINY_LRS, DIVERGING_LR = 2.0e-3, [1.0e-6, 2.0e-6], 1.0e30
+# 5e-4 is already ahead after one epoch (2e-3 was not: 26 % against 27 % for 1e-6, measured)
+GOOD_LR, TINY_LRS, DIVERGING_LR = 5.0e-4, [1.0e-6, 2.0e-6], 1.0e30
 
 
 def sweep_raw(smoke_at, storage, space: dict, **tune) -> dict:
