@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raycv.redact import REDACTED, MissingSecretError, is_secret, redact, unredact
+from raycv.storage import credentials_in, is_uri
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,11 +141,43 @@ class TrainConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (--local runs in-process)")
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description="Ray Train workers, or [min, max] for elastic training: start with what "
+        "fits, at least min, and grow or shrink with the cluster (--local runs in-process)",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0, description="used when use_gpu is true")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _number_or_pair(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) != 2:
+            raise ValueError(f"give a number or [min, max], not {len(value)} values")
+        return value
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> ScalingConfig:
+        if not 1 <= self.min_workers <= self.max_workers:
+            got = list(self.num_workers) if self.elastic else self.num_workers
+            raise ValueError(
+                f"num_workers must be at least 1, or [min, max] with 1 <= min <= max (got {got})"
+            )
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
 
 
 class CheckpointConfig(Section):
@@ -327,12 +367,33 @@ class TuneConfig(Section):
 
 
 class RunConfig(Section):
-    storage: str = Field("runs", description="root of run folders: local path or pyarrow URI")
-    max_failures: int = Field(0, ge=-1, description="worker-failure restarts (-1: forever)")
+    storage: str = Field(
+        "runs",
+        description="root of run folders: a local or shared path, or object storage "
+        "(s3://bucket/prefix, gs://...; credentials from the environment)",
+    )
+    max_failures: int | None = Field(
+        None,
+        ge=-1,
+        description="worker-failure restarts from the last checkpoint (-1: forever); "
+        "default 0, or 3 with an elastic scaling.num_workers range (it resizes by restarting)",
+    )
     dashboard_host: str = Field(
         "127.0.0.1",
         description="address a local Ray's dashboard listens on; 0.0.0.0 opens it to the network",
     )
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> RunConfig:
+        # Every run folder keeps its config, and the URI is logged: no key may be in it.
+        found = credentials_in(self.storage) if is_uri(self.storage) else None
+        if found:
+            raise ValueError(
+                f"the storage URI carries a credential ({found}): remove it and set it "
+                "in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "GOOGLE_APPLICATION_CREDENTIALS) or use the machine's own role"
+            )
+        return self
 
 
 class Config(Section):
@@ -358,12 +419,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         _check_names(self)
-        workers = self.scaling.num_workers
-        if self.train.batch_size < workers or self.train.batch_size % workers:
-            raise ValueError(
-                f"train.batch_size must be a positive multiple of scaling.num_workers "
-                f"(got {self.train.batch_size} for {workers} workers)"
-            )
+        _check_workers(self)
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
         from raycv.models import check_input_size, check_weights
@@ -411,6 +467,25 @@ def _check_names(cfg: Config) -> None:
     ):
         if value is not None and value not in registry:
             raise ValueError(f"{key}={value!r} is unknown; choose one of: {', '.join(registry)}")
+
+
+def _check_workers(cfg: Config) -> None:
+    s, batch = cfg.scaling, cfg.train.batch_size
+    if s.elastic and batch < s.max_workers:
+        raise ValueError(
+            f"train.batch_size={batch} is smaller than the most workers of scaling.num_workers="
+            f"{list(s.num_workers)}: raise it to at least {s.max_workers}"
+        )
+    if not s.elastic and batch % s.num_workers:
+        raise ValueError(
+            f"train.batch_size must be a positive multiple of scaling.num_workers "
+            f"(got {batch} for {s.num_workers} workers)"
+        )
+    if s.elastic and cfg.run.max_failures == 0:
+        raise ValueError(
+            "an elastic scaling.num_workers range needs run.max_failures > 0 (or -1): Ray "
+            "Train resizes the workers by restarting them from the last checkpoint"
+        )
 
 
 def _check_pruning(cfg: Config) -> None:

@@ -104,7 +104,7 @@ def run_doctor(cfg: Config, address: str | None = None) -> Report:
         check_resources(cfg.scaling, nodes),
         *check_idle_gpus(cfg.scaling, nodes),
         check_data_cpus(cfg.scaling, nodes),
-        *check_storage(report.storage, cfg.run.storage, nodes, report.probes),
+        *check_storage(report.storage, nodes, report.probes),
         *check_versions(cfg.scaling, nodes, report.probes),
     ]
     return report
@@ -160,10 +160,11 @@ def room_for_workers(scaling: ScalingConfig, nodes: list[Node]) -> int:
 
 
 def check_resources(scaling: ScalingConfig, nodes: list[Node]) -> Finding:
-    want, room = scaling.num_workers, room_for_workers(scaling, nodes)
+    want, room = scaling.min_workers, room_for_workers(scaling, nodes)
     what = _describe_workers(scaling)
     if room >= want:
-        return Finding("resources", "ok", f"{what} fit (room for {room})")
+        starts = f"; starts with {min(room, scaling.max_workers)}" if scaling.elastic else ""
+        return Finding("resources", "ok", f"{what} fit (room for {room}{starts})")
     return Finding(
         "resources",
         "error",
@@ -175,7 +176,10 @@ def check_resources(scaling: ScalingConfig, nodes: list[Node]) -> Finding:
 def _describe_workers(scaling: ScalingConfig) -> str:
     need = bundle(scaling)
     each = f"{need['CPU']:g} CPU" + (f" + {need['GPU']:g} GPU" if need["GPU"] else "")
-    return f"{scaling.num_workers} workers x ({each}), {scaling.placement_strategy}"
+    count = scaling.num_workers
+    if scaling.elastic:
+        count = f"{scaling.min_workers} to {scaling.max_workers}"
+    return f"{count} workers x ({each}), {scaling.placement_strategy}"
 
 
 def _why(scaling: ScalingConfig, nodes: list[Node], room: int) -> str:
@@ -204,8 +208,15 @@ def _resources_fix(scaling: ScalingConfig, nodes: list[Node], room: int) -> str:
     if room == 0:
         return f"lower scaling.{key}, {tail}"
     if scaling.placement_strategy == "STRICT_SPREAD":
-        return f"set scaling.num_workers={room} or scaling.placement_strategy=SPREAD, {tail}"
-    return f"set scaling.num_workers={room} or lower scaling.{key}, {tail}"
+        return f"set {_fewer(scaling, room)} or scaling.placement_strategy=SPREAD, {tail}"
+    return f"set {_fewer(scaling, room)} or lower scaling.{key}, {tail}"
+
+
+def _fewer(scaling: ScalingConfig, room: int) -> str:
+    """The worker setting that fits ``room``: an elastic range keeps its maximum."""
+    if scaling.elastic:
+        return f"scaling.num_workers=[{room}, {scaling.max_workers}]"
+    return f"scaling.num_workers={room}"
 
 
 def _gpus_bind(scaling: ScalingConfig, nodes: list[Node]) -> bool:
@@ -233,17 +244,41 @@ def check_idle_gpus(scaling: ScalingConfig, nodes: list[Node]) -> list[Finding]:
 
 def check_data_cpus(scaling: ScalingConfig, nodes: list[Node]) -> Finding:
     """Train workers hold their CPUs for the whole run; Ray Data's decode and augment tasks
-    need at least one CPU besides them, or every epoch waits forever."""
-    spare = sum(n.cpus for n in nodes) - scaling.num_workers * scaling.cpus_per_worker
-    if spare >= 1:
-        return Finding("data CPUs", "ok", f"{spare:g} CPUs left for Ray Data next to the workers")
+    need one whole CPU on one node besides them, or every epoch waits forever. Half a CPU
+    left on each of two nodes is not one: an elastic run takes as many workers as fit."""
+    held = min(scaling.max_workers, max(room_for_workers(scaling, nodes), scaling.min_workers))
+    left = cpus_left(scaling, nodes, held)
+    most = max(left, default=0.0)
+    if most >= 1 - 1e-9:
+        return Finding(
+            "data CPUs",
+            "ok",
+            f"{sum(left):g} CPUs left for Ray Data next to the workers ({most:g} on one node)",
+        )
     return Finding(
         "data CPUs",
         "error",
-        f"{max(spare, 0):g} CPUs left for Ray Data once the workers hold theirs: "
-        "data loading would wait forever",
-        "lower scaling.cpus_per_worker (fractions work, e.g. 0.5) or add a node with CPUs",
+        f"{max(sum(left), 0):g} CPUs left for Ray Data once the workers hold theirs, "
+        f"{max(most, 0):g} at most on one node: data loading would wait forever",
+        "lower scaling.cpus_per_worker (fractions work, e.g. 0.5) so that a node keeps a "
+        "whole CPU, use fewer workers, or add a node with CPUs",
     )
+
+
+def cpus_left(scaling: ScalingConfig, nodes: list[Node], workers: int) -> list[float]:
+    """The CPUs each node keeps once ``workers`` bundles are placed, near enough to how
+    Ray places them: SPREAD on the node with the most free, PACK on the fullest that fits."""
+    need = bundle(scaling)
+    free = [{"CPU": n.cpus, "GPU": n.gpus} for n in nodes]
+    spread = scaling.placement_strategy in ("SPREAD", "STRICT_SPREAD")
+    for _ in range(workers):
+        fits = [f for f in free if all(f[k] + 1e-9 >= v for k, v in need.items())]
+        if not fits:
+            break
+        chosen = (max if spread else min)(fits, key=lambda f: f["CPU"])
+        for k, v in need.items():
+            chosen[k] -= v
+    return [f["CPU"] for f in free]
 
 
 def require_fit(scaling: ScalingConfig) -> None:
@@ -397,14 +432,10 @@ def _delete_probe(storage: str, name: str) -> None:
 # --- storage and versions ----------------------------------------------------------------
 
 
-def check_storage(
-    location: str, configured: str, nodes: list[Node], probes: dict[str, NodeProbe]
-) -> list[Finding]:
+def check_storage(location: str, nodes: list[Node], probes: dict[str, NodeProbe]) -> list[Finding]:
     findings = [_check_writable(location, nodes, probes)]
     if len(nodes) > 1 and findings[0].level == "ok":
         findings.append(_check_shared(location, nodes, probes))
-    if "://" in configured:
-        findings.append(_uri_storage_finding(configured))
     return findings
 
 
@@ -446,19 +477,6 @@ def _check_shared(location: str, nodes: list[Node], probes: dict[str, NodeProbe]
         "written by workers on other nodes would be lost",
         "mount one shared file system (NFS, EFS, Filestore) at this path on every node and "
         "point run.storage at it (cluster/*.yaml: /mnt/raycv)",
-    )
-
-
-def _uri_storage_finding(configured: str) -> Finding:
-    """Run folders are created with local paths (raycv/runs.py, RunFolder.create): a URI
-    becomes a folder named like it under the current directory."""
-    return Finding(
-        "storage",
-        "error",
-        f"run.storage={configured} is a URI, but raycv writes run folders through local "
-        "paths only (so far)",
-        "use a shared file system mounted at the same path on every node, e.g. "
-        "run.storage=/mnt/raycv/runs",
     )
 
 

@@ -78,10 +78,12 @@ class State:
         self.scaler.load_state_dict(saved["scaler"])
 
 
-def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
-    """Optimizer steps per epoch on each worker (equal on all: DDP needs that)."""
-    local_batch = cfg.train.batch_size // world
-    return (num_train // world) // local_batch // cfg.train.grad_accum_steps
+def steps_per_epoch(cfg: Config, num_train: int) -> int:
+    """Optimizer steps per epoch: equal on every worker (DDP needs that) and the same for
+    any number of workers, so that an elastic run that resizes keeps its schedule. Each
+    worker's equal shard (num_train // world images) holds them: the local batch is
+    batch_size // world."""
+    return num_train // (cfg.train.batch_size * cfg.train.grad_accum_steps)
 
 
 def train_func(payload: dict[str, Any]) -> None:
@@ -89,7 +91,7 @@ def train_func(payload: dict[str, Any]) -> None:
     cfg = Config.model_validate(payload["config"])
     info = RunInfo(**payload["run"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
     # 1. Model (from pretrained weights and pruned, as configured).
@@ -112,7 +114,7 @@ def train_func(payload: dict[str, Any]) -> None:
     frozen = tuning.frozen(start_epoch + 1)
     tuning.set_trainable(model, frozen)
     model = ray.train.torch.prepare_model(model)
-    state = _build_state(model, cfg, info, world, device, tuning.lr_scales(model_of(model)))
+    state = _build_state(model, cfg, info, device, tuning.lr_scales(model_of(model)))
     PRUNERS.get(cfg.prune.method).attach(model_of(model), state.optimizer)
     if saved:
         state.restore(saved)
@@ -124,7 +126,7 @@ def train_func(payload: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     task = TASKS.get(cfg.task)(len(info.class_names), cfg.train.label_smoothing)
     teacher = load_teacher(cfg.distill, device)  # None unless distilling
-    steps = steps_per_epoch(cfg, info.num_train, world)
+    steps = steps_per_epoch(cfg, info.num_train)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         if tuning.frozen(epoch) != frozen:  # gradual unfreezing: the backbone joins in
             frozen = tuning.frozen(epoch)
@@ -159,12 +161,12 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
 
 
 def _build_state(
-    model: nn.Module, cfg: Config, info: RunInfo, world: int, device, lr_scales: dict[str, float]
+    model: nn.Module, cfg: Config, info: RunInfo, device, lr_scales: dict[str, float]
 ) -> State:
     global_batch = cfg.train.batch_size * cfg.train.grad_accum_steps
     lr = scaled_lr(cfg.optimizer.lr, cfg.train.lr_scaling, global_batch, cfg.train.base_batch_size)
     optimizer = build_optimizer(model_of(model), cfg.optimizer, lr, lr_scales)
-    steps = steps_per_epoch(cfg, info.num_train, world)
+    steps = steps_per_epoch(cfg, info.num_train)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     return State(model, optimizer, scheduler, scaler)
@@ -213,7 +215,8 @@ def train_one_epoch(
     for _ in batches:  # drain the equal-split tail so the next epoch starts clean
         pass
     elapsed = time.perf_counter() - started
-    images = steps * accum * cfg.train.batch_size  # global: every worker did the same
+    world = ray.train.get_context().get_world_size()
+    images = steps * accum * (cfg.train.batch_size // world) * world  # all workers together
     return {
         **_all_reduce(meter, device).compute("train"),
         "lr": state.optimizer.param_groups[0]["lr"],

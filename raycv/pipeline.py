@@ -31,7 +31,7 @@ from raycv.config import (
 )
 from raycv.redact import redact
 from raycv.registry import Registry
-from raycv.runs import RunFolder, write_manifest
+from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.session import ensure_ray, local_cpus
 from raycv.sweep.space import apply_sample
 
@@ -192,8 +192,10 @@ STAGES.add("report", Stage(lambda cfg: True, _report))
 
 
 def check_pipeline(cfg: Config, given: dict[str, Any]) -> None:
-    """Before Ray starts: the pretraining config must be valid, and there must be
-    something to fine-tune from."""
+    """Before Ray starts: run.storage must be a path (stages write into the pipeline's
+    folder), the pretraining config must be valid, and there must be something to
+    fine-tune from."""
+    require_path(cfg.run.storage, "raycv pipeline")
     p = cfg.pipeline
     if p.pretrain is not None:
         try:

@@ -1,7 +1,9 @@
 """Run folders: where each stage's config, manifest, metrics, checkpoints and plots live.
 
 ``runs/<experiment>/<stage>-<timestamp>/`` holds ``config.yaml``, ``manifest.json``,
-``metrics.jsonl``, ``checkpoints/epoch_NNNN/``, ``tb/`` (TensorBoard) and ``plots/``."""
+``metrics.jsonl``, ``checkpoints/epoch_NNNN/``, ``tb/`` (TensorBoard) and ``plots/``.
+With ``run.storage`` on object storage the run lives at its URI and raycv writes through a
+local mirror of it (``raycv.storage``)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import math
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raycv import __version__, atomic
+from raycv import storage as remote
 from raycv.checkpoint import checkpoint_epochs
 from raycv.config import ConfigError
 from raycv.redact import redact
@@ -28,7 +32,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RunFolder:
+    """A run's folder; for a run on object storage (``uri``), ``path`` is its local mirror."""
+
     path: Path
+    uri: str | None = None
 
     @classmethod
     def create(cls, storage: str, experiment: str, stage: str) -> RunFolder:
@@ -37,10 +44,13 @@ class RunFolder:
         check_name(stage, "stage")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(1000):
-            path = base / (f"{stage}-{stamp}" + (f"-{n}" if n else ""))
+            name = f"{stage}-{stamp}" + (f"-{n}" if n else "")
+            uri = remote.join(storage, experiment, name) if remote.is_uri(storage) else None
+            if uri and remote.exists(uri):
+                continue
             try:
-                path.mkdir(parents=True)
-                return cls(path)
+                (base / name).mkdir(parents=True)
+                return cls(base / name, uri)
             except FileExistsError:
                 continue
         raise RuntimeError(f"could not find a free run name under {base}")
@@ -48,6 +58,8 @@ class RunFolder:
     @classmethod
     def find(cls, storage: str, experiment: str, stage: str, name: str | None) -> RunFolder:
         """The run to resume: ``name`` (a folder or a run name), else the newest ``stage`` run."""
+        if remote.is_uri(storage):
+            return cls._download(storage, experiment, stage, name)
         base = storage_root(storage) / check_name(experiment, "experiment")
         if name:
             path = _named_run(base, name)
@@ -58,6 +70,32 @@ class RunFolder:
         if not runs:
             raise FileNotFoundError(f"--resume: no earlier {stage} run under {base}")
         return cls(runs[-1])
+
+    @classmethod
+    def _download(cls, storage: str, experiment: str, stage: str, name: str | None) -> RunFolder:
+        """``find`` on object storage: the run's files but its checkpoints are downloaded
+        into its mirror (Ray Train restores checkpoints from the store itself)."""
+        base = remote.join(storage, check_name(experiment, "experiment"))
+        if name is None:
+            runs = [r for r in remote.folders(base) if r.startswith(f"{stage}-")]
+            name = next((r for r in reversed(runs) if _has_config(remote.join(base, r))), None)
+            if name is None:
+                raise FileNotFoundError(f"--resume: no earlier {stage} run under {base}")
+        elif not _has_config(remote.join(base, check_name(name, "--resume"))):
+            raise FileNotFoundError(f"--resume {name}: no run with a config.yaml under {base}")
+        run = cls(storage_root(storage) / experiment / name, remote.join(base, name))
+        remote.download(run.uri, run.path, skip=("checkpoints",))
+        return run
+
+    @property
+    def where(self) -> str:
+        return self.uri or str(self.path)
+
+    def upload(self) -> None:
+        """Copy raycv's own files to the run's URI (nothing to do for a local run). Ray Train
+        writes the checkpoints there itself; best/ is copied there within the store."""
+        if self.uri:
+            remote.upload(self.path, self.uri, skip=("checkpoints", "best"))
 
     @property
     def config(self) -> Path:
@@ -89,9 +127,25 @@ class RunFolder:
 
 
 def storage_root(storage: str) -> Path:
+    """Where run folders are written: ``storage``, or the local mirror of a URI."""
     if "\0" in storage:
         raise ConfigError(f"run.storage={storage!r} holds a NUL character; give a plain path")
+    if remote.is_uri(storage):
+        return remote.mirror(storage)
     return Path(storage).expanduser().resolve()
+
+
+def require_path(storage: str, what: str, alternative: str = "") -> None:
+    """Refuse object storage for what writes run folders only through local paths."""
+    if remote.is_uri(storage):
+        raise ConfigError(
+            f"{what} writes its run folder through local paths, not to {storage}: pass "
+            f"run.storage=PATH (a shared file system on a cluster){alternative}"
+        )
+
+
+def _has_config(run_uri: str) -> bool:
+    return remote.exists(remote.join(run_uri, "config.yaml"))
 
 
 def is_plain_name(name: str) -> bool:
@@ -205,14 +259,24 @@ class MetricsRecorder:
         atomic.write_text(self.run.metrics, "".join(json.dumps(m) + "\n" for m in history))
         self._tensorboard(metrics)
         if saved and self.best(history) is metrics:
-            _replace_tree(Path(saved), self.run.best)
+            self._keep_best(saved)
         if self.prune:
             for path in list(checkpoint_epochs(self.run.checkpoints).values())[: -self.keep]:
                 shutil.rmtree(path, ignore_errors=True)
+        self.run.upload()
         log.info(format_progress(metrics, self.epochs))
 
     def best(self, history: list[dict[str, Any]]) -> dict[str, Any] | None:
         return best_of(history, self.metric, self.mode)
+
+    def _keep_best(self, saved: str) -> None:
+        """Copy the checkpoint folder ``saved`` (a path in the store for a URI run) to best/."""
+        if self.run.uri is None:
+            _replace_tree(lambda staging: shutil.copytree(saved, staging), self.run.best)
+            return
+        remote.replace_on_store(self.run.uri, saved, "best")  # nothing crosses the network
+        best = remote.join(self.run.uri, "best")
+        _replace_tree(lambda staging: remote.download(best, staging), self.run.best)
 
     def _tensorboard(self, metrics: dict[str, Any]) -> None:
         from tensorboardX import SummaryWriter
@@ -223,11 +287,12 @@ class MetricsRecorder:
                     writer.add_scalar(key, value, metrics["epoch"])
 
 
-def _replace_tree(source: Path, target: Path) -> None:
-    """Copy ``source`` over ``target`` so that a crash leaves the old or the new copy whole."""
+def _replace_tree(fill: Callable[[Path], object], target: Path) -> None:
+    """Replace ``target`` with the folder ``fill(staging)`` makes, so that a crash leaves the
+    old or the new copy whole."""
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
+    fill(staging)
     old = target.with_name(target.name + ".old")
     if target.exists():
         target.rename(old)
@@ -260,7 +325,8 @@ def write_manifest(
     parent: str | None = None,
 ) -> None:
     """What a run folder is, what produced it (config, code version, parent), and ``extra``
-    (metrics, paths, ...); secret-like keys are redacted (``raycv.redact``)."""
+    (metrics, paths, ...); secret-like keys are redacted (``raycv.redact``). A run on object
+    storage uploads its files with each manifest."""
     manifest = {
         "kind": kind,
         "status": status,
@@ -268,6 +334,8 @@ def write_manifest(
         "code_version": code_version(),
         "experiment": cfg.experiment,
         "model": cfg.model.name,
+        **({"uri": run.uri} if run.uri else {}),
         **(extra or {}),
     }
     write_json(run.manifest, redact(manifest))
+    run.upload()

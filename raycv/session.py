@@ -22,7 +22,7 @@ def local_cpus(cfg: Config) -> int:
     Ray Data tasks that decode and augment never get scheduled and training waits
     forever (seen with 2 workers on 2 cores). The extra logical CPUs oversubscribe the
     cores on purpose: augmentation runs while the workers wait on each other."""
-    workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    workers = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker  # an elastic run: its most
     return math.ceil(workers) + (os.cpu_count() or 1)
 
 

@@ -15,7 +15,8 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from raycv import checkpoint, plots
-from raycv.checkpoint import checkpoint_epochs
+from raycv import storage as remote
+from raycv.checkpoint import EPOCH_DIR, checkpoint_epochs
 from raycv.config import Config, ConfigError, dump_config, load_saved
 from raycv.data.pipeline import build_streams
 from raycv.distill import check_teacher_classes, resolve_teacher
@@ -23,7 +24,7 @@ from raycv.doctor import require_fit
 from raycv.errors import DataError, NonFiniteLossError, RunFailedError
 from raycv.finetune.sources import apply_source
 from raycv.loop import RunInfo, recorder, train_func
-from raycv.runs import MetricsRecorder, RunFolder, read_metrics, write_manifest
+from raycv.runs import MetricsRecorder, RunFolder, read_metrics, require_path, write_manifest
 from raycv.session import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,15 @@ def run_train(
     ``at``: the run folder (a pipeline's stage), resumed if it was started before."""
     if stage == "finetune" and not cfg.finetune.source:
         raise ConfigError("raycv finetune needs --from SOURCE (or finetune.source in the config)")
+    if local:  # the in-process loop writes checkpoints into the local folder
+        require_path(cfg.run.storage, "--local", ", or drop --local")
     cfg = apply_source(cfg)  # before Ray starts: a bad source fails here, in one line
     cfg = resolve_teacher(cfg)
     cfg, run = prepare_run(cfg, stage, resume, at)
     started = time.time()
-    log.info("run folder: %s", run.path)
+    log.info("run folder: %s", run.where)
+    if run.uri:
+        log.info("local mirror: %s", run.path)
     ensure_ray(cfg)
     skipped = fit(cfg, run, local=local, kind=stage)
     return finish(run, cfg, started, skipped, kind=stage)
@@ -126,9 +131,9 @@ def fit(
         scaling_config=scaling_config(cfg, local),
         run_config=RunConfig(
             name="checkpoints",  # Ray's files land in <run folder>/checkpoints
-            storage_path=str(run.path),
+            storage_path=run.where,  # for a run on object storage, straight to the store
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=max_failures(cfg)),
             callbacks=[_RecordReports(recorder(cfg, run), progress), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
         ),
@@ -169,7 +174,7 @@ def failure_hint(reason: str, run: RunFolder) -> str:
             f"the best epoch so far is in {run.best}" if run.best.is_dir() else "no epoch finished"
         )
         return f"{kept}; start a new run with a lower optimizer.lr"
-    return f"finished epochs are kept in {run.path} (fix the cause, then add --resume)"
+    return f"finished epochs are kept in {run.where} (fix the cause, then add --resume)"
 
 
 def describe_failure(error: Exception) -> str:
@@ -179,6 +184,14 @@ def describe_failure(error: Exception) -> str:
     cause = getattr(cause, "cause", None) or cause
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def max_failures(cfg: Config) -> int:
+    """run.max_failures, or by default 0, and 3 for an elastic run: Ray Train grows or
+    shrinks the worker group by restarting it, which counts against the limit."""
+    if cfg.run.max_failures is not None:
+        return cfg.run.max_failures
+    return 3 if cfg.scaling.elastic else 0
 
 
 def scaling_config(cfg: Config, local: bool) -> ScalingConfig:
@@ -226,16 +239,25 @@ def finish(
 
 
 def _paths(run: RunFolder, curves) -> dict[str, str | None]:
-    saved = checkpoint_epochs(run.checkpoints)
     best_dir = run.best if (run.best / "checkpoint.pt").is_file() else None
     return {
         "config": run.config.name,
         "metrics": run.metrics.name,
         "tensorboard": run.tensorboard.name,
-        "latest_checkpoint": str(saved[max(saved)].relative_to(run.path)) if saved else None,
+        "latest_checkpoint": _latest_checkpoint(run),
         "best_checkpoint": str(best_dir.relative_to(run.path)) if best_dir else None,
         "curves": str(curves.relative_to(run.path)) if curves else None,
     }
+
+
+def _latest_checkpoint(run: RunFolder) -> str | None:
+    """``checkpoints/epoch_NNNN`` of the newest saved epoch (on the store for a URI run)."""
+    if run.uri is None:
+        saved = checkpoint_epochs(run.checkpoints)
+        return str(saved[max(saved)].relative_to(run.path)) if saved else None
+    names = remote.folders(remote.join(run.uri, "checkpoints"))
+    epochs = {int(m.group(1)): m.group(0) for m in map(EPOCH_DIR.match, names) if m}
+    return f"checkpoints/{epochs[max(epochs)]}" if epochs else None
 
 
 def summary_table(history: list[dict[str, Any]], best: dict | None, skipped: list[str]) -> str:

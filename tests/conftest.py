@@ -3,10 +3,14 @@ really trained model saved as a checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -164,3 +168,50 @@ def briefly_trained():
 def save_checkpoint():
     """``save_checkpoint(folder, cfg, model, metrics)``: the checkpoint file written."""
     return _save_checkpoint
+
+
+@contextlib.contextmanager
+def _ray_env() -> Iterator[dict[str, str]]:
+    """The environment for a raycv process that starts its own Ray: a short temp dir of
+    its own (session paths hold unix sockets, 107 characters at most), removed after."""
+    path = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        yield {**os.environ, "RAY_TMPDIR": path}
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill_when(command: list[str], env: dict, log: Path, ready: Callable, timeout: float = 420):
+    """Run ``command`` in a process group of its own (output to the file ``log``: nobody
+    would drain a pipe), and SIGKILL the whole group once ``ready()`` returns something
+    true, which is returned. The group is killed also when the wait fails."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = ready()
+            if found:
+                return found
+            if proc.poll() is not None:
+                pytest.fail(f"{command[3:5]} exited early:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        pytest.fail(f"{command[3:5]} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_env():
+    """``with ray_env() as env:`` an environment for a raycv process with its own Ray."""
+    return _ray_env
+
+
+@pytest.fixture(scope="session")
+def kill_when():
+    """``kill_when(command, env, log, ready, timeout=420)``: run a raycv command in a
+    process of its own and kill it, whole, once ``ready()`` is true (fault injection)."""
+    return _kill_when

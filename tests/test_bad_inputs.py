@@ -133,6 +133,7 @@ def test_an_empty_split_is_refused_before_training(num_train, num_val, message):
         ({}, {"batch_size": 64}, 30),
         ({"num_workers": 4}, {"batch_size": 32}, 28),  # 7 images per worker
         ({"num_workers": 4}, {"batch_size": 4, "grad_accum_steps": 8}, None),
+        ({"num_workers": [1, 4]}, {"batch_size": 64}, 30),  # elastic: any batch >= 4
     ],
 )
 def test_a_batch_larger_than_the_dataset_names_the_largest_that_fits(scaling, train, largest):
@@ -142,7 +143,7 @@ def test_a_batch_larger_than_the_dataset_names_the_largest_that_fits(scaling, tr
     fix = (
         f"set train.batch_size={largest} or lower"
         if largest
-        else "use fewer scaling.num_workers or train.grad_accum_steps, or more images"
+        else "lower train.grad_accum_steps or scaling.num_workers, or add images"
     )
     assert str(info.value).endswith(
         f"is larger than the 30 training images: not one step per epoch; {fix}"
@@ -392,8 +393,8 @@ def test_eval_on_data_with_other_classes_is_one_line(ray_local, four_class_check
         ),
         (
             {"num_workers": 4},
-            "0 CPUs left for Ray Data once the workers hold theirs: data loading would wait "
-            "forever; lower scaling.cpus_per_worker",
+            "0 CPUs left for Ray Data once the workers hold theirs, 0 at most on one node: "
+            "data loading would wait forever; lower scaling.cpus_per_worker",
         ),
     ],
 )

@@ -105,6 +105,39 @@ def test_batch_size_that_divides_evenly_is_accepted():
     assert (cfg.train.batch_size, cfg.scaling.num_workers) == (32, 4)
 
 
+def test_elastic_worker_range_passes_through_with_restarts_allowed():
+    from raycv.train import max_failures, scaling_config
+
+    cfg = from_dict({}, ["scaling.num_workers=[1, 4]", "train.batch_size=6"])
+    assert cfg.scaling.elastic and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 4)
+    assert scaling_config(cfg, local=False).num_workers == (1, 4)
+    assert max_failures(cfg) == 3  # Ray Train resizes by restarting: the default allows it
+    assert max_failures(from_dict({}, ["scaling.num_workers=2"])) == 0
+    dumped = yaml.safe_load(dump_config(cfg))
+    assert dumped["scaling"]["num_workers"] == [1, 4]  # the saved config reloads as it was
+    assert from_dict(dumped).scaling.num_workers == (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["scaling.num_workers=[3, 2]"], "scaling: num_workers must be at least 1, or [min, max]"),
+        (["scaling.num_workers=[0, 2]"], "scaling: num_workers must be at least 1, or [min, max]"),
+        (["scaling.num_workers=[1, 2, 3]"], "scaling.num_workers: give a number or [min, max]"),
+        (
+            ["scaling.num_workers=[1, 8]", "train.batch_size=4"],
+            "train.batch_size=4 is smaller than the most workers of scaling.num_workers=[1, 8]",
+        ),
+        (
+            ["scaling.num_workers=[1, 2]", "run.max_failures=0"],
+            "an elastic scaling.num_workers range needs run.max_failures > 0 (or -1)",
+        ),
+    ],
+)
+def test_a_bad_elastic_range_names_the_fix(overrides, message):
+    assert config_error({}, overrides).startswith(message)
+
+
 def test_unknown_model_lists_every_registered_model():
     message = config_error({}, ["model.name=resnet9"])
     assert message == (

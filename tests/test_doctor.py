@@ -22,7 +22,14 @@ from ray._private.authentication.authentication_token_setup import (
 from ray.cluster_utils import Cluster
 
 from raycv.config import ScalingConfig, from_dict
-from raycv.doctor import Node, format_report, room_for_workers, run_doctor
+from raycv.doctor import (
+    Node,
+    check_data_cpus,
+    check_resources,
+    format_report,
+    room_for_workers,
+    run_doctor,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,9 +117,10 @@ def test_more_cpus_than_the_cluster_has_fail_with_the_fix(two_nodes, config):
     assert resources.level == "error"
     assert "hold 1" in resources.message  # only the head has 2 CPUs for a worker
     assert resources.fix.startswith("set scaling.num_workers=1 or lower scaling.cpus_per_worker")
-    assert finding(report, "data CPUs").level == "error"  # 4 CPUs asked of 3
+    # The one worker that fits leaves the GPU node's CPU for Ray Data: one problem only.
+    assert finding(report, "data CPUs").level == "ok"
     shown = format_report(report)
-    assert "fix: set scaling.num_workers=1" in shown and "verdict: 2 problem(s)" in shown
+    assert "fix: set scaling.num_workers=1" in shown and "verdict: 1 problem(s)" in shown
 
 
 def test_gpu_workers_are_placed_on_gpu_nodes(two_nodes, config):
@@ -200,3 +208,20 @@ def test_a_bundle_never_spans_nodes_and_fractions_add_up():
     assert room_for_workers(ScalingConfig(num_workers=1, cpus_per_worker=3), nodes) == 0
     tenths = [Node("c", "10.0.0.3", cpus=0.3, gpus=0)]
     assert room_for_workers(ScalingConfig(num_workers=3, cpus_per_worker=0.1), tenths) == 3
+
+
+def test_an_elastic_range_needs_room_for_its_minimum_and_keeps_cpus_for_data():
+    nodes = [Node("a", "10.0.0.1", cpus=2, gpus=0), Node("b", "10.0.0.2", cpus=2, gpus=0)]
+    starts = check_resources(ScalingConfig(num_workers=(1, 4), cpus_per_worker=1.5), nodes)
+    assert starts.level == "ok" and "1 to 4 workers" in starts.message
+    assert "starts with 2" in starts.message
+    too_many = check_resources(ScalingConfig(num_workers=(3, 4), cpus_per_worker=1.5), nodes)
+    assert too_many.level == "error" and "scaling.num_workers=[2, 4]" in too_many.fix
+    # Two workers of 1.5 CPUs leave half a CPU on each node: no Ray Data task fits.
+    split = check_data_cpus(ScalingConfig(num_workers=(1, 4), cpus_per_worker=1.5), nodes)
+    assert split.level == "error" and "0.5 at most on one node" in split.message
+    three = [*nodes, Node("c", "10.0.0.3", cpus=2, gpus=0)]
+    data = check_data_cpus(ScalingConfig(num_workers=(1, 2), cpus_per_worker=1.5), three)
+    assert data.level == "ok" and data.message.startswith("3 CPUs left")  # 2 on node c
+    greedy = check_data_cpus(ScalingConfig(num_workers=(1, 4), cpus_per_worker=1), nodes)
+    assert greedy.level == "error"  # four workers would take every CPU

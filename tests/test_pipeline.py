@@ -1,9 +1,11 @@
 """``raycv pipeline`` end to end on configs/pipeline_smoke.yaml: every stage, stopped after
-the sweep and resumed without re-running it, then exported, predicted and reported."""
+the sweep and resumed without re-running it, then exported, predicted and reported.
+Before that it is killed once its first stage has finished (fault injection)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,21 +38,50 @@ def test_pretrain_overrides_are_checked_before_anything_runs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pipeline(ray_local, tmp_path_factory):
-    """The smoke pipeline stopped after its sweep, then resumed to the end."""
+def pipeline(ray_local, tmp_path_factory, ray_env, kill_when):
+    """The smoke pipeline killed (SIGKILL, its whole process group) once its pretrain stage
+    has finished, resumed until its sweep is done, then resumed to the end."""
     storage = tmp_path_factory.mktemp("pipeline")
     given = _given(storage)
-    run = run_pipeline(given, validate(given), local=True, until="tune")
+    killed = _kill_after_pretrain(given, storage, ray_env, kill_when)
+    run = run_pipeline(given, validate(given), resume=True, local=True, until="tune")
     stopped = read_manifest(run.path)
     tune_manifest = (run.path / "tune" / "manifest.json").read_text()
     trials = sorted(p.name for p in (run.path / "tune" / "trials").iterdir())
     resumed = run_pipeline(given, validate(given), resume=True, local=True)
     return {
         "run": resumed,
+        "killed": killed,
         "stopped": stopped,
         "tune_manifest": tune_manifest,
         "trials": trials,
     }
+
+
+def _kill_after_pretrain(given: dict, storage: Path, ray_env, kill_when) -> dict[str, str]:
+    """Run ``raycv pipeline --local`` in a process of its own until the pretrain stage's
+    manifest says finished, kill it, and return that stage's files as they were."""
+    config = storage / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(given))
+    command = [sys.executable, "-m", "raycv", "pipeline", str(config), "--local"]
+
+    def pretrain_finished() -> Path | None:
+        for manifest in storage.glob("pipeline_smoke/pipeline-*/pretrain/manifest.json"):
+            if json.loads(manifest.read_text())["status"] == "finished":
+                return manifest.parent
+        return None
+
+    with ray_env() as env:
+        stage = kill_when(command, env, storage / "killed.log", pretrain_finished)
+    return {name: (stage / name).read_text() for name in ("manifest.json", "metrics.jsonl")}
+
+
+@pytest.mark.slow
+def test_pipeline_killed_after_a_stage_resumes_without_rerunning_it(pipeline):
+    pretrain = pipeline["run"].path / "pretrain"
+    for name, text in pipeline["killed"].items():
+        assert (pretrain / name).read_text() == text
+    assert len(pipeline["killed"]["metrics.jsonl"].splitlines()) == 1  # its one epoch
 
 
 @pytest.mark.slow

@@ -289,6 +289,27 @@ def test_config_errors_do_not_echo_secret_values():
         assert "abc123" not in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize(
+    "storage",
+    [
+        "s3://bucket/runs?access_key=AKIA1&secret_key=abc123",
+        "s3://AKIA1:abc123@bucket/runs",
+        "gs://bucket/runs?access_token=abc123",
+    ],
+)
+def test_a_storage_uri_with_a_credential_is_refused_without_echoing_it(storage):
+    """Every run folder keeps its config and the run's URI is logged: keys come from the
+    environment only."""
+    with pytest.raises(ConfigError, match="set it in the environment") as info:
+        from_dict({"run": {"storage": storage}})
+    assert "abc123" not in str(info.value), str(info.value)
+
+
+def test_a_storage_uri_without_credentials_is_accepted():
+    uri = "s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert from_dict({"run": {"storage": uri}}).run.storage == uri
+
+
 # ------------------------------------------------------------------ the dashboard
 
 

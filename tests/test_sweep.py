@@ -16,7 +16,7 @@ from raycv.sweep.objective import make_objective, pareto_front
 from raycv.sweep.space import check_space
 
 # 5e-4 is already ahead after one epoch (2e-3 was not: 26 % against 27 % for 1e-6, measured)
-GOOD_LR, TINY_LRS, DIVERGING_LR = 5.0e-4, [1.0e-6, 2.0e-6], 1.0e30
+GOOD_LR, TINY_LRS, DIVERGING_LR = 5.0e-4, [1.0e-6], 1.0e30
 
 
 def sweep_raw(smoke_at, storage, space: dict, **tune) -> dict:
@@ -106,8 +106,8 @@ def test_constraint_ranks_every_feasible_trial_above_every_infeasible_one(smoke_
 
 @pytest.fixture(scope="module")
 def sweep(ray_local, smoke_at, tmp_path_factory):
-    """Four trials in grid order: a learning rate that learns, two that barely move (ASHA
-    should stop at least one after its first epoch) and one that diverges to NaN."""
+    """Three trials in grid order: a learning rate that learns, one that barely moves (ASHA
+    should stop it after its first epoch) and one that diverges to NaN."""
     from raycv.sweep.run import run_tune
 
     storage = tmp_path_factory.mktemp("sweep")
@@ -120,7 +120,7 @@ def sweep(ray_local, smoke_at, tmp_path_factory):
         num_samples=1,
         max_retries=1,
         # One at a time, in grid order: the good trial sets the first rung's bar, so the
-        # barely-moving ones that follow fall below it (concurrent trials could reach the
+        # barely-moving one that follows falls below it (concurrent trials could reach the
         # rung first and pass it alone).
         max_concurrent_trials=1,
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
@@ -133,7 +133,7 @@ def sweep(ray_local, smoke_at, tmp_path_factory):
 @pytest.mark.slow
 def test_sweep_runs_every_trial_and_records_each_outcome(sweep):
     run, trials = sweep
-    assert len(trials) == 4
+    assert len(trials) == 3
     by_lr = trials.set_index("optimizer.lr")
     assert by_lr.loc[GOOD_LR, "status"] == "finished" and by_lr.loc[GOOD_LR, "epochs"] == 2
     # The diverging trial failed with the loop's own one-line reason, and the sweep went on.

@@ -1,15 +1,9 @@
-"""Ray Train runs end to end on the built-in shapes data: DDP, local mode, resume."""
+"""Ray Train runs end to end on the built-in shapes data: DDP, local mode, pruning, eval.
+(A driver killed and resumed with --resume: tests/test_storage_s3.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -116,68 +110,3 @@ def test_pruned_run_reports_smaller_model_and_its_checkpoint_evaluates(ray_local
     result = run_eval(str(run.path), [])
     metrics = json.loads((result.path / "metrics.json").read_text())
     assert metrics["acc"] == pytest.approx(pruned["val_acc"], abs=0.02)
-
-
-def _train_command(storage: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "raycv", "train", str(REPO / "configs" / "smoke.yaml"),
-        f"run.storage={storage}", "train.epochs=4", "scaling.num_workers=1",
-        "data.shapes.num_images=400", *extra,
-    ]  # fmt: skip
-
-
-def test_driver_killed_mid_run_resumes_from_saved_epoch(tmp_path):
-    """Kill the whole driver process group after epoch 2 is saved; --resume finishes the
-    run from there with the right epoch count and an unbroken metrics history."""
-    # A short Ray temp dir: its unix socket paths must stay under 107 characters.
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    try:
-        _kill_and_resume(tmp_path, ray_tmp)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _kill_and_resume(tmp_path: Path, ray_tmp: str) -> None:
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    log = tmp_path / "first.log"  # a file, not a pipe: nobody drains a pipe while we wait
-    with log.open("w") as out:
-        first = subprocess.Popen(
-            _train_command(tmp_path), env=env, start_new_session=True, stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        metrics = _wait_for_epoch(tmp_path, first, epoch=2, log=log)
-    finally:  # also when the wait fails: no training may outlive the test
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    before = read_metrics(metrics)
-    assert before and before[-1]["epoch"] < 4
-
-    resumed = subprocess.run(
-        [*_train_command(tmp_path), "--resume"], env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    run_dir = Path(resumed.stdout.strip().splitlines()[-1])
-    assert run_dir == metrics.parent
-    after = read_metrics(metrics)
-    assert [m["epoch"] for m in after] == [1, 2, 3, 4]
-    # Epochs finished before the kill are not trained again.
-    saved_epoch = max(m["epoch"] for m in before)
-    for old, new in zip(before[:saved_epoch], after[:saved_epoch]):
-        assert old["epoch_started_at"] == new["epoch_started_at"]
-    assert checkpoint.load(checkpoint.checkpoint_epochs(run_dir / "checkpoints")[4])["epoch"] == 4
-
-
-def _wait_for_epoch(
-    storage: Path, proc: subprocess.Popen, epoch: int, log: Path, timeout: float = 420
-) -> Path:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = list(storage.glob("smoke/train-*/metrics.jsonl"))
-        if found and len(read_metrics(found[0])) >= epoch:
-            return found[0]
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"epoch {epoch} was not reported within {timeout} s")

@@ -52,7 +52,7 @@ from raycv.distill import resolve_teacher
 from raycv.evaluate import streams_for
 from raycv.pruning import IMPORTANCES, prune_model
 from raycv.registry import Registry
-from raycv.runs import RunFolder, write_manifest
+from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.sweep.space import apply_sample
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ def compress_config(artifact: str | Path, overrides: list[str], settings: dict[s
     """The artifact's own config with ``overrides`` (``key=value`` text) and ``settings``
     (dotted key -> value, set as given: a path must not be parsed as YAML) applied."""
     raw = load_checkpoint(checkpoint_file(artifact))["config"]
-    return validate(apply_sample(with_overrides(raw, overrides), settings))
+    cfg = validate(apply_sample(with_overrides(raw, overrides), settings))
+    require_path(cfg.run.storage, "raycv compress")
+    return cfg
 
 
 def resume_folder(cfg: Config, resume: str | bool) -> Path:

@@ -51,17 +51,16 @@ def check_sizes(cfg: Config, num_train: int, num_val: int, skipped: int) -> None
             f"the {which} split has no readable images (train {num_train}, val {num_val}, "
             f"{skipped} unreadable files skipped); add images to it{hint}"
         )
-    workers, accum = cfg.scaling.num_workers, cfg.train.grad_accum_steps
-    if num_train // workers < cfg.train.batch_size // workers * accum:
-        # The largest batch that still gives every worker one full step per epoch.
-        largest = workers * (num_train // workers // accum)
+    accum = cfg.train.grad_accum_steps
+    if num_train < cfg.train.batch_size * accum:  # not one step per epoch (loop.steps_per_epoch)
+        step = 1 if cfg.scaling.elastic else cfg.scaling.num_workers  # a fixed run's multiple
+        largest = num_train // accum // step * step
         fix = (
             f"set train.batch_size={largest} or lower"
-            if largest
-            else "use fewer scaling.num_workers or train.grad_accum_steps, or more images"
+            if largest >= cfg.scaling.max_workers
+            else "lower train.grad_accum_steps or scaling.num_workers, or add images"
         )
         raise DataError(
-            f"train.batch_size={cfg.train.batch_size} (x{accum} accumulation, {workers} "
-            f"workers) is larger than the {num_train} training images: not one step per "
-            f"epoch; {fix}"
+            f"train.batch_size={cfg.train.batch_size} (x{accum} accumulation) is larger than "
+            f"the {num_train} training images: not one step per epoch; {fix}"
         )

@@ -84,11 +84,16 @@ def trial_row(
         f"final_{metric}": last.get(metric),
         **{k: last.get(k) for k in COSTS},
         "time_s": round(seconds, 1),
-        "worker_cpu_s": round(seconds * cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, 1),
+        "worker_cpu_s": round(seconds * _workers(cfg, last) * cfg.scaling.cpus_per_worker, 1),
         "attempts": attempts(trial_folder(run.path, trial_id)),
         "failure": _reason(result.error) if result.error else None,
     }
     return row | objective.extra(row)
+
+
+def _workers(cfg: Config, last: dict[str, Any]) -> int:
+    """The workers of the trial's last epoch (an elastic trial may have run with fewer)."""
+    return len(last.get("worker_nodes") or []) or cfg.scaling.max_workers
 
 
 def _status(result, last: dict[str, Any], cfg: Config) -> str:

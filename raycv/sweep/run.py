@@ -16,7 +16,7 @@ from raycv.config import Config
 from raycv.distill import resolve_teacher
 from raycv.doctor import require_fit
 from raycv.finetune.sources import apply_source
-from raycv.runs import RunFolder, write_manifest
+from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.session import ensure_ray
 from raycv.sweep.objective import make_objective
 from raycv.sweep.results import write_results
@@ -35,6 +35,7 @@ TRIAL_CPU = 0.01  # the trial function's own reservation
 
 def run_tune(cfg: Config, *, resume: str | bool | None = None, at: Path | None = None) -> RunFolder:
     """The sweep; ``at`` fixes its folder (a pipeline's stage), resumed if started before."""
+    require_path(cfg.run.storage, "raycv tune")  # trials write their folders on every node
     cfg = resolve_teacher(apply_source(cfg))  # a bad source or teacher fails here
     check_space(cfg)  # before Ray starts: every sampled config must be valid
     resume = resume or (at is not None and (at / "config.yaml").is_file())
@@ -106,8 +107,8 @@ def trial_bundles() -> tune.PlacementGroupFactory:
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     s = cfg.scaling
-    gpus = {"GPU": s.num_workers * s.gpus_per_worker} if s.use_gpu else {}
-    return {"CPU": s.num_workers * s.cpus_per_worker, **gpus}
+    gpus = {"GPU": s.max_workers * s.gpus_per_worker} if s.use_gpu else {}
+    return {"CPU": s.max_workers * s.cpus_per_worker, **gpus}
 
 
 def concurrency(cfg: Config) -> int:
