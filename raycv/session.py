@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 
 import ray
 import ray.data
@@ -45,18 +46,42 @@ def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
         ray.init()
         return
     num_cpus = num_cpus or local_cpus(cfg)
+    start_local(num_cpus, cfg.run.dashboard_host)
+    log.info("started a local Ray with %s logical CPUs", num_cpus)
+
+
+def start_local(num_cpus: int, dashboard_host: str, **init_args) -> None:
+    """Start a local Ray whose processes can find their own cluster.
+
+    Train's placement-group cleaner asks the State API with no address. A Ray started by
+    ``ray.init`` leaves no address file, so Ray then looks for running GCS processes and
+    gives up when it finds two (another local Ray on this machine): the placement groups
+    of trials that ASHA stopped are never removed and the sweep waits forever for CPUs.
+    The dashboard, which serves the State API, therefore gets a port picked here, and
+    every worker is told its URL."""
+    port = free_port()
+    reach = "127.0.0.1" if dashboard_host in ("0.0.0.0", "::", "localhost") else dashboard_host
     # The dashboard stays on: Train's placement-group cleanup needs the State API it serves.
     # It listens on this machine only unless run.dashboard_host opens it on purpose.
     ray.init(
         num_cpus=num_cpus,
-        dashboard_host=cfg.run.dashboard_host,
+        dashboard_host=dashboard_host,
+        dashboard_port=port,
         # Ray Data's per-epoch "execution finished" lines, and Ray's own deprecation
         # warnings from inside its actors, would drown the progress lines.
         runtime_env={
             "env_vars": {
+                "RAY_API_SERVER_ADDRESS": f"http://{reach}:{port}",
                 "RAY_DATA_LOG_LEVEL": "WARNING",
                 "PYTHONWARNINGS": "ignore::DeprecationWarning",
             }
         },
+        **init_args,
     )
-    log.info("started a local Ray with %s logical CPUs", num_cpus)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

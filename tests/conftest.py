@@ -27,38 +27,62 @@ if TYPE_CHECKING:
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with slow tests first, each module's tests in their own order: scripts/test.sh
+    hands whole modules to two pytest-xdist processes, and a long module picked up last
+    would leave one process idle at the end."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
+
+
+@contextlib.contextmanager
+def _own_ray_env(dashboard_port: int | None = None, **extra: str) -> Iterator[str]:
+    """This process's environment set up for a Ray of its own, restored after; Ray's
+    processes inherit it when they start. Yields a short temp dir (session paths hold unix
+    sockets, 107 characters at most), removed after. With ``dashboard_port``, Ray's
+    processes are told the State API's URL there: two Rays on one machine (pytest-xdist)
+    otherwise break Train's placement-group cleanup (see ``raycv.session.start_local``)."""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {"RAY_TMPDIR": temp_dir, **extra}
+    if dashboard_port is not None:
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield temp_dir
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def own_ray_env():
+    """``with own_ray_env(dashboard_port=None, **variables) as temp_dir:`` this process's
+    environment for a Ray (or ``Cluster``) of its own."""
+    return _own_ray_env
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    """Start a local Ray (4 logical CPUs, dashboard on) for one test module, then stop it.
-
-    Ray gets its own short temp dir: session paths hold unix sockets (107-char limit),
-    and nothing of the run should land in the shared /tmp/ray.
-    """
+    """Start a local Ray (4 logical CPUs, dashboard on) for one test module, then stop it,
+    as raycv itself starts one."""
     import ray
 
-    from raycv.session import quiet_data_progress
+    from raycv.session import quiet_data_progress, start_local
 
     if ray.is_initialized():  # a test left one behind; start from a clean cluster
         ray.shutdown()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    # The dashboard stays on (the default): Train's placement-group cleanup needs it.
-    ray.init(
-        num_cpus=4,
-        dashboard_host="127.0.0.1",
-        _temp_dir=temp_dir,
-    )
-    quiet_data_progress()
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with _own_ray_env() as temp_dir:
+        start_local(4, "127.0.0.1", _temp_dir=temp_dir)
+        quiet_data_progress()
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture

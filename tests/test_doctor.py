@@ -4,11 +4,9 @@ command's exit status. The placement arithmetic is also checked alone, without R
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,37 +28,32 @@ from raycv.doctor import (
     room_for_workers,
     run_doctor,
 )
+from raycv.session import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
+def two_nodes(own_ray_env):
     """A head with 2 CPUs and a worker node with 1 CPU and 1 (logical) GPU, token
     authentication on. Dashboard and its agents on free ports: another Ray on this machine
     may hold the default ones."""
     if ray.is_initialized():
         ray.shutdown()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir
-    assert enable_token_auth_by_default(), "RAY_AUTH_MODE is set to something else than token"
-    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
-    head = {"num_cpus": 2, "dashboard_port": None, "dashboard_agent_listen_port": None}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    cluster.add_node(num_cpus=1, num_gpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    port = free_port()
+    with own_ray_env(dashboard_port=port):
+        assert enable_token_auth_by_default(), "RAY_AUTH_MODE is set to something else than token"
+        ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+        head = {"num_cpus": 2, "dashboard_port": port, "dashboard_agent_listen_port": None}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 @pytest.fixture

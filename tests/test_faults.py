@@ -24,28 +24,30 @@ from ray.util.state import list_actors
 from raycv import checkpoint
 from raycv.config import from_dict
 from raycv.runs import read_metrics
-from raycv.session import quiet_data_progress
+from raycv.session import free_port, quiet_data_progress
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray_env):
     """A head of 1 CPU and two worker nodes of 3 CPUs each; a test may remove a node (two
     1-CPU workers then still fit, with CPUs left for Ray Data)."""
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"},
-    )
-    for _ in range(2):
-        cluster.add_node(num_cpus=3)
-    ray.init(address=cluster.address)
-    quiet_data_progress()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    port = free_port()
+    head = {"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    with own_ray_env(dashboard_port=port):
+        cluster = Cluster(initialize_head=True, head_node_args={**head, "dashboard_port": port})
+        for _ in range(2):
+            cluster.add_node(num_cpus=3)
+        ray.init(address=cluster.address)
+        quiet_data_progress()
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def _config(smoke, scaling: dict, failures: int | None = 2, epochs: int = 3) -> dict:

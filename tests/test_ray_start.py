@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,12 @@ import ray
 
 from raycv import checkpoint
 from raycv.runs import read_metrics
+from raycv.session import free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayStartCluster:
@@ -42,12 +36,15 @@ class RayStartCluster:
 
     def __init__(self, logs: Path) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short socket paths
+        self.port, self.dashboard = free_port(), free_port()
         self.env = {
             **os.environ,
             "RAY_AUTH_MODE": "token",  # as our cluster files run it
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Train's placement-group cleanup finds the State API here, not by guessing
+            # among the Rays on this machine (see raycv.session.start_local).
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.dashboard}",
         }
-        self.port, self.dashboard = _free_port(), _free_port()
         self.logs = logs
         self.procs: list[subprocess.Popen] = []
 
@@ -63,10 +60,10 @@ class RayStartCluster:
 
     def _start(self, name: str, args: list[str]) -> None:
         # Both raylets on the loopback address, where the ports were found free.
-        ports = ["--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={_free_port()}"]
+        ports = ["--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}"]
         ports += [
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
         ]
         with (self.logs / f"{name}.log").open("w") as out:
             self.procs.append(

@@ -7,10 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,14 @@ from ray._private.authentication.authentication_token_setup import (
 )
 from ray.cluster_utils import Cluster
 
+from raycv.session import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "scripts" / "submit.py"
 
 
 @pytest.fixture(scope="module")
-def jobs_api():
+def jobs_api(own_ray_env):
     """The Jobs API URL of a local Ray started for this module: dashboard on 127.0.0.1,
     token authentication on (the token is Ray's own, ~/.ray/auth_token), and this venv's
     `raycv` on the PATH that jobs inherit.
@@ -37,31 +37,22 @@ def jobs_api():
     both ports are left to Ray here."""
     if ray.is_initialized():
         ray.shutdown()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: unix socket paths
-    env = {
-        "RAY_TMPDIR": temp_dir,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    # What ray.init does for a new local cluster: token mode for this process and the
-    # Ray processes it starts (they inherit it), and a token if there is none yet.
-    assert enable_token_auth_by_default(), "RAY_AUTH_MODE is set to something else than token"
-    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
-    # Ports left to Ray (None): it picks free ones when another Ray holds the defaults.
-    free_ports = {"dashboard_port": None, "dashboard_agent_listen_port": None}
-    head = {"num_cpus": 4, "dashboard_host": "127.0.0.1", **free_ports}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    try:
-        yield f"http://{cluster.head_node.webui_url}"
-    finally:
-        cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    port = free_port()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with own_ray_env(dashboard_port=port, PATH=path):
+        # What ray.init does for a new local cluster: token mode for this process and the
+        # Ray processes it starts (they inherit it), and a token if there is none yet.
+        assert enable_token_auth_by_default(), "RAY_AUTH_MODE is set to something else than token"
+        ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+        # The agent's port left to Ray (None): it picks a free one when another Ray holds
+        # the default.
+        ports = {"dashboard_port": port, "dashboard_agent_listen_port": None}
+        head = {"num_cpus": 4, "dashboard_host": "127.0.0.1", **ports}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        try:
+            yield f"http://{cluster.head_node.webui_url}"
+        finally:
+            cluster.shutdown()
 
 
 def submit(
