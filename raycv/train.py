@@ -156,9 +156,13 @@ def check_resumed_classes(run: RunFolder, class_names: list[str]) -> None:
     still hold the same classes in the same order (a class folder added or renamed since
     would otherwise fail inside every worker with a shape mismatch)."""
     saved = checkpoint_epochs(run.checkpoints)
-    if not saved:
+    if saved:
+        known = list(checkpoint.load_latest_good(saved)["class_names"])
+    elif (run.best / checkpoint.CHECKPOINT_FILE).is_file():
+        # A run on object storage: its checkpoints stay on the store, best/ came down.
+        known = list(checkpoint.load(run.best)["class_names"])
+    else:
         return
-    known = list(checkpoint.load_latest_good(saved)["class_names"])
     if known != class_names:
         raise DataError(
             f"{run.path} was trained on the classes {known}, the data now has {class_names}; "

@@ -336,6 +336,16 @@ def test_resuming_on_data_with_other_classes_is_refused(tmp_path):
     assert (folder / "checkpoint.pt").is_file()
 
 
+def test_resuming_a_run_whose_checkpoints_are_on_a_store_checks_its_best(tmp_path):
+    """A URI run's mirror holds best/ but no checkpoints/ (they stay on the store)."""
+    run = RunFolder(tmp_path / "mirror")
+    run.best.mkdir(parents=True)
+    checkpoint.save(run.best, {"model": {}, "class_names": ["cat", "dog"], "epoch": 1})
+    check_resumed_classes(run, ["cat", "dog"])
+    with pytest.raises(DataError, match=r"trained on the classes \['cat', 'dog'\]"):
+        check_resumed_classes(run, ["cat", "fox"])
+
+
 @pytest.mark.parametrize("command", ["eval", "export", "predict"])
 def test_a_plain_state_dict_is_not_taken_for_a_raycv_checkpoint(tmp_path, capsys, command):
     weights = tmp_path / "resnet18 weights.pth"

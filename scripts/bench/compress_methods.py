@@ -72,10 +72,7 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes the table to stdout and every row (and the machine) as JSON.",
-    )
+    p = results.parser(__file__, __doc__, "every row (and the machine)")
     p.add_argument("--num-images", type=int, default=3000, help="images, train + val (3000)")
     p.add_argument("--image-size", type=int, default=64, help="model input side (64)")
     p.add_argument(
@@ -94,7 +91,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads while timing (1)")
     p.add_argument("--baseline", type=Path, help="a trained baseline to reuse (skips training)")
     p.add_argument("--storage", type=Path, help="run folders (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=results.default_out(__file__), help="JSON path")
     return p.parse_args(argv)
 
 

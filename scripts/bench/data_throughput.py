@@ -38,10 +38,7 @@ GOAL = 3.0  # raycv classic vs the DataLoader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes a table to stdout and the full results (every epoch, the machine) as JSON.",
-    )
+    p = results.parser(__file__, __doc__, "the full results (every epoch, the machine)")
     data = p.add_argument_group("data")
     data.add_argument(
         "--folder",
@@ -95,12 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-v2",
         action="store_true",
         help="leave out the classic_v2 row (the slowest one)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=results.default_out(__file__),
-        help="JSON results file (default: %(default)s, relative to the current folder)",
     )
     args = p.parse_args(argv)
     for name in ("num_images", "source_size", "image_size", "epochs", "batch_size"):

@@ -36,10 +36,7 @@ MIB = 1 << 20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes the table to stdout and every reading (and the machine) as JSON.",
-    )
+    p = results.parser(__file__, __doc__, "every reading (and the machine)")
     p.add_argument("--trainings", type=int, default=20, help="short trainings (20)")
     p.add_argument("--sweeps", type=int, default=3, help="sweeps of two trials each (3)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per training and trial (1)")
@@ -47,7 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--settle", type=float, default=30.0, help="seconds Ray may take to tear a job down (30)"
     )
-    p.add_argument("--out", type=Path, default=results.default_out(__file__), help="JSON path")
     return p.parse_args(argv)
 
 

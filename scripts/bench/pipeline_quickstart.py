@@ -38,15 +38,11 @@ STAGES = ("pretrain", "tune", "finetune", "scratch", "compress", "export", "repo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes a table to stdout and the full results as JSON.",
-    )
+    p = results.parser(__file__, __doc__, "the full results")
     p.add_argument("--repeats", type=int, default=1, help="pipeline runs, seeds 0.. (default 1)")
     p.add_argument(
         "--config", default=str(REPO / "configs" / "quickstart.yaml"), help="pipeline config"
     )
-    p.add_argument("--out", type=Path, default=results.default_out(__file__), help="JSON path")
     return p.parse_args(argv)
 
 

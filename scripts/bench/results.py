@@ -6,6 +6,7 @@ Imported by the scripts next to it (``python scripts/bench/<name>.py`` puts this
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -96,8 +97,20 @@ def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def default_out(script: str) -> Path:
-    return Path("bench-results") / f"{Path(script).stem}.json"
+def parser(script: str, doc: str, writes: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: the first paragraph of its docstring ``doc`` as the
+    description, what it ``writes`` as JSON in the epilog, and ``--out`` already added."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=f"Writes a table to stdout and {writes} as JSON.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-results") / f"{Path(script).stem}.json",
+        help="JSON results file (default: %(default)s, relative to the current folder)",
+    )
+    return p
 
 
 def setup_logging() -> None:

@@ -46,10 +46,7 @@ START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cores = os.cpu_count() or 1
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes a table to stdout and the full results (every epoch, the machine) as JSON.",
-    )
+    p = results.parser(__file__, __doc__, "the full results (every epoch, the machine)")
     p.add_argument(
         "--config",
         type=Path,
@@ -119,12 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storage",
         type=Path,
         help="keep the raycv run folders here (default: a temporary folder, removed at the end)",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=results.default_out(__file__),
-        help="JSON results file (default: %(default)s, relative to the current folder)",
     )
     args = p.parse_args(argv)
     for name in ("workers", "ceiling_threads"):

@@ -39,10 +39,7 @@ POINTS, SHARE = 0.01, 1 / 3  # the goal: within 1 point, at most a third of the 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Writes a table to stdout and the full results (every trial, the machine) as JSON.",
-    )
+    p = results.parser(__file__, __doc__, "the full results (every trial, the machine)")
     p.add_argument("--samples", type=int, default=16, help="trials per sweep (default 16)")
     p.add_argument("--epochs", type=int, default=9, help="full budget per trial (default 9)")
     p.add_argument(
@@ -59,7 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ASHA keeps 1/factor of the trials at each rung (default 3: rungs at 1, 3, 9)",
     )
     p.add_argument("--storage", type=Path, default=None, help="sweep folders (default: a temp dir)")
-    p.add_argument("--out", type=Path, default=results.default_out(__file__), help="JSON path")
     return p.parse_args(argv)
 
 
