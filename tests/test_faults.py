@@ -98,8 +98,15 @@ def _wait_for_epochs(metrics: Callable[[], Path | None], epochs: int, job: Backg
     pytest.fail(f"epoch {epochs} was not recorded in time")
 
 
-def _alive(class_name: str) -> list:
-    return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+def _alive(class_name: str, timeout: float = 60.0) -> list:
+    """The live actors of ``class_name``, waiting for one to show: on a loaded machine the
+    State API can lag behind the actor's start."""
+    deadline = time.time() + timeout
+    while True:
+        found = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        if found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def _inject(metrics: Path, fault: Callable[[], None]) -> tuple[list[dict], float]:
