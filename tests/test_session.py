@@ -4,6 +4,7 @@ reach their own cluster's State API, which Train's placement-group cleanup relie
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,10 +26,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 def another_ray(tmp_path):
     """A second Ray on this machine, started with ``ray start`` in a process group of its
     own and killed after; yields its GCS address."""
-    port = free_port()
+    port, temp_dir = free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short socket paths
     command = [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
     command += ["--include-dashboard=false", "--disable-usage-stats"]
-    command += [f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"]
+    command += [f"--temp-dir={temp_dir}"]
     command += [f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1"]
     with (tmp_path / "ray-start.log").open("w") as log:
         proc = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=log)
@@ -42,6 +43,7 @@ def another_ray(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _listening(port: int) -> bool:
