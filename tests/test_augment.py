@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from raycv.config import AugmentConfig
 from raycv.data.augment import (
     AUGMENTATIONS,
+    CHUNK_PIXELS,
     ClassicV2Preset,
     affine_matrices,
     build_preset,
@@ -73,6 +74,19 @@ def test_each_image_gets_its_own_draw(name):
     out = build_preset(name, AugmentConfig(), 64)(batch_of(copies))["image"]
     assert out.shape == (32, 3, 64, 64)
     assert n_distinct(out) >= 30
+
+
+def test_draws_differ_across_chunks_and_repeat_with_a_seed():
+    # A batch larger than one cache-sized chunk is transformed chunk by chunk: the chunks must
+    # not repeat each other's draws, even when the preset is seeded.
+    size = 224
+    per_chunk = CHUNK_PIXELS // (size * size)
+    copies = np.repeat(asymmetric_image(258)[None], 2 * per_chunk + 1, axis=0)
+    preset = build_preset("classic", AugmentConfig(), size)
+    preset.seed = 5
+    out = preset(batch_of(copies))["image"]
+    assert n_distinct(out) == len(copies)
+    np.testing.assert_array_equal(out, preset(batch_of(copies))["image"])
 
 
 def test_one_v2_call_on_a_batch_draws_once_for_all_images():

@@ -13,8 +13,9 @@ Presets (registered in ``AUGMENTATIONS``):
   The reference implementation (and the benchmark baseline); about 3x slower.
 * ``eval``: deterministic resize + centre crop, applied to the whole batch at once.
 
-Each preset also exposes ``transform(images)`` on a uint8 NCHW tensor; for ``classic`` and
-``eval`` it runs on whatever device the tensor lives on, so the same code can augment on a GPU.
+Each preset also exposes ``transform(images, rng)`` on a uint8 NCHW tensor; for ``classic``
+and ``eval`` it runs on whatever device the tensor lives on, so the same code can augment on a
+GPU.  ``__call__`` feeds it cache-sized chunks of the batch (``CHUNK_PIXELS``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from raycv.registry import Registry
 _GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 # RandomResizedCrop.get_params tries this many draws before falling back to a centre crop.
 _CROP_ATTEMPTS = 10
+# Output pixels transformed at a time.  The warp, jitter and normalisation are passes over
+# memory: 64 images at 224 px (38 MB of float) spill out of cache and run 1.5x slower than
+# chunks of 8 (measured on a 2-core Xeon, scripts/bench/data_throughput.py); small images
+# still go as one chunk.
+CHUNK_PIXELS = 8 * 224 * 224
 
 
 class Preset:
@@ -49,18 +55,17 @@ class Preset:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = _images_nchw(batch["image"])
         size = self.image_size
-        if len(images) == 0:
-            out = np.empty((0, 3, size, size), dtype=np.float32)
-        else:
-            out = self.transform(images).contiguous().numpy()
+        out = np.empty((len(images), 3, size, size), dtype=np.float32)
+        rng = np.random.default_rng(self.seed)  # one stream for the batch: chunks differ
+        step = max(1, CHUNK_PIXELS // (size * size))
+        for start in range(0, len(images), step):
+            chunk = self.transform(images[start : start + step], rng)
+            out[start : start + len(chunk)] = chunk.numpy()
         return {**batch, "image": out}
 
-    def transform(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> normalised float32 (N, 3, S, S)."""
+    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> normalised float32 (N, 3, S, S), drawing from ``rng``."""
         raise NotImplementedError
-
-    def _rng(self) -> np.random.Generator:
-        return np.random.default_rng(self.seed)
 
 
 AUGMENTATIONS: Registry[type[Preset]] = Registry("augmentation preset")
@@ -103,9 +108,8 @@ class ClassicPreset(Preset):
     contrast, saturation in float (v2 permutes the order per image and rounds to uint8).
     """
 
-    def transform(self, images: torch.Tensor) -> torch.Tensor:
+    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         n, _, height, width = images.shape
-        rng = self._rng()
         theta = _draw_affine(rng, self.cfg, n, height, width)
         out = _warp(images, torch.from_numpy(theta).to(images.device), self.image_size)
         out = out.mul_(1 / 255)  # scaled after the warp: S*S pixels instead of H*W
@@ -270,10 +274,10 @@ class ClassicV2Preset(Preset):
             ]
         )
 
-    def transform(self, images: torch.Tensor) -> torch.Tensor:
+    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         # v2 draws from torch's global generator: seed a private fork of it, so calls get fresh
         # entropy (or self.seed) and the caller's own random stream is left untouched.
-        seed = int(self._rng().integers(2**62))
+        seed = int(rng.integers(2**62))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return torch.stack([self.pipeline(image) for image in images])
@@ -296,7 +300,7 @@ class EvalPreset(Preset):
             ]
         )
 
-    def transform(self, images: torch.Tensor) -> torch.Tensor:
+    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         if min(images.shape[-2:]) != self.resize_to:
             images = self.resize(images)
         return self.finish(images)

@@ -12,6 +12,8 @@ Both read the same ImageFolder of JPEGs and produce the same recipe at the same 
   what the fused warp buys.
 
 The decode-once cost is reported on its own row, and once more spread over the timed epochs.
+A last row times the classic preset alone on one thread, in this process, with no Ray: the
+most one core can augment, so the Ray rows show what streaming costs on top.
 Images/s per method is the median over epochs.  Run by hand, not in CI:
 
     python scripts/bench/data_throughput.py                 # ~1200 images, 3 epochs, S=128
@@ -221,6 +223,31 @@ def raycv_epochs(cfg, args: argparse.Namespace) -> tuple[dict[str, Any], list[di
     return decode, epochs
 
 
+def transform_alone(cfg, args: argparse.Namespace, seconds: float = 3.0) -> dict[str, float]:
+    """The classic preset on cached-size uint8 batches, one thread, no Ray: one core's most."""
+    import numpy as np
+    import torch
+
+    from raycv.data.augment import build_preset
+
+    preset = build_preset("classic", cfg.augment, args.image_size)
+    size = cfg.working_size
+    shape = (args.batch_size, size, size, 3)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, shape, np.uint8), "label": np.zeros(shape[0], np.int64)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        preset(batch)  # warm-up
+        images, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            images += len(preset(batch)["image"])
+        elapsed = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(threads)
+    return {"images": images, "seconds": elapsed, "images_per_s": images / elapsed}
+
+
 def _timed_epoch(batches: Iterable, count: Callable[[Any], int]) -> dict[str, float]:
     """One pass over ``batches``; ``count`` says how many images a batch holds."""
     started = time.perf_counter()
@@ -243,6 +270,7 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     # The baseline runs first, while no Ray process competes for the cores.
     log.info("torchvision DataLoader: %d epochs ...", args.epochs)
     methods["dataloader"] = {"epochs": dataloader_epochs(root, classic, args)}
+    alone = transform_alone(classic, args)
 
     ensure_ray(classic)
     try:
@@ -269,6 +297,10 @@ def run(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "raycv_classic_with_decode": {
             "images_per_s": amortised,
             "vs_dataloader": results.ratio(amortised, base),
+        },
+        "classic_transform_one_thread": {
+            **alone,
+            "vs_dataloader": results.ratio(alone["images_per_s"], base),
         },
         "ray_logical_cpus": local_cpus(classic),
         "working_size": classic.working_size,
@@ -316,6 +348,12 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
             f"raycv classic incl. decode once, over {args.epochs} epochs",
             out["raycv_classic_with_decode"]["images_per_s"],
             out["raycv_classic_with_decode"]["vs_dataloader"],
+            "",
+        ),
+        (
+            "classic transform alone: 1 thread, no Ray (one core's most)",
+            out["classic_transform_one_thread"]["images_per_s"],
+            out["classic_transform_one_thread"]["vs_dataloader"],
             "",
         ),
     ]
