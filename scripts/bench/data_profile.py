@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import results
+from data_throughput import transform_alone
 
 log = logging.getLogger("bench")
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
@@ -96,7 +97,7 @@ def _overlap(spans: list[tuple[float, float]], start: float, end: float) -> floa
 def profile(args) -> dict[str, Any]:
     import ray
 
-    from raycv.config import AugmentConfig, from_dict
+    from raycv.config import from_dict
     from raycv.data.augment import build_preset
     from raycv.session import local_cpus, start_local
 
@@ -112,7 +113,7 @@ def profile(args) -> dict[str, Any]:
 
         cached = ray.data.range(args.num_images, override_num_blocks=args.blocks)
         cached = cached.map_batches(make, batch_size=args.batch_size).materialize()
-        preset = build_preset("classic", AugmentConfig(), out_size)
+        preset = build_preset("classic", cfg.augment, out_size)
         with tempfile.TemporaryDirectory(prefix="raycv-profile-") as folder:
             stream = cached.map_batches(
                 _Logged(preset, folder), batch_size=args.batch_size, batch_format="numpy"
@@ -142,30 +143,13 @@ def profile(args) -> dict[str, Any]:
             "images_per_s": images / (ended - started),
             "cores_busy": 1 - idle / max(total, 1),
             "cpu_ms_per_image": {k: 1000 * v / images for k, v in used.items()},
-            "transform_alone_ms_per_image": _transform_alone(preset, size, args.batch_size),
+            "transform_alone_ms_per_image": 1000 / transform_alone(cfg, args)["images_per_s"],
             "batches_at_once_first_second": _overlap(spans, started, started + 1),
             "batches_at_once_after": _overlap(spans, started + 1, ended),
             "working_size": size,
         }
     finally:
         ray.shutdown()
-
-
-def _transform_alone(preset, size: int, batch_size: int, seconds: float = 3.0) -> float:
-    import torch
-
-    shape = (batch_size, size, size, 3)
-    batch = {"image": np.random.default_rng(0).integers(0, 256, shape, np.uint8)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        preset(batch)
-        images, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            images += len(preset(batch)["image"])
-        return 1000 * (time.perf_counter() - started) / images
-    finally:
-        torch.set_num_threads(threads)
 
 
 def report(out: dict[str, Any], args) -> str:

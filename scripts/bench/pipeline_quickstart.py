@@ -64,21 +64,15 @@ def run_once(config: str, seed: int, storage: Path) -> dict[str, Any]:
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    # Stage manifests hold each stage's own time; the command's start-up comes before them.
-    startup = wall - json.loads(_manifest_path(done.stdout).read_text())["elapsed_s"]
     if done.returncode != 0:
         raise SystemExit(f"the pipeline failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     # The command's last line is its folder; search from the end all the same, in case a
     # Ray process's late log line lands after it.
-    folder = _manifest_path(done.stdout).parent
+    folder = next(Path(x) for x in reversed(done.stdout.splitlines()) if Path(x).is_dir())
     out = {"seed": seed, "wall_s": wall, "folder": str(folder), **_read(folder)}
-    out["pretrain_done_s"] = startup + out["stage_s"]["pretrain"]
+    # Stage times are each stage's own; the command's start-up comes before the first.
+    out["pretrain_done_s"] = wall - out["elapsed_s"] + out["stage_s"]["pretrain"]
     return out
-
-
-def _manifest_path(stdout: str) -> Path:
-    folder = next(Path(x) for x in reversed(stdout.splitlines()) if Path(x).is_dir())
-    return folder / "manifest.json"
 
 
 def _read(folder: Path) -> dict[str, Any]:
@@ -94,7 +88,7 @@ def _read(folder: Path) -> dict[str, Any]:
             "params": m["best"]["params"],
             "macs": m["best"]["macs"],
         }
-    return {"stage_s": stage_s, "accuracy": accuracy}
+    return {"elapsed_s": manifest["elapsed_s"], "stage_s": stage_s, "accuracy": accuracy}
 
 
 def report(runs: list[dict[str, Any]], info: dict[str, Any]) -> str:
