@@ -188,7 +188,8 @@ def accuracy_report(matrix: np.ndarray, class_names: list[str]) -> dict:
 def run_preview(cfg: Config, count: int) -> RunFolder:
     ensure_ray(cfg)
     streams = build_streams(cfg)
-    batch = streams.train.take_batch(count, batch_format="numpy")
+    sample = streams.train_sample(count, cfg.seed, augmented=True)  # every class, at random
+    batch = sample.take_batch(count, batch_format="numpy")
     images = denormalize(batch["image"], cfg.augment)
     titles = [streams.class_names[i] for i in batch["label"]]
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "preview")

@@ -128,6 +128,7 @@ def train_func(payload: dict[str, Any]) -> None:
     teacher = load_teacher(cfg.distill, device)  # None unless distilling
     steps = steps_per_epoch(cfg, info.num_train)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        start_reading(payload["epoch_clock"], epoch, rank)
         if tuning.frozen(epoch) != frozen:  # gradual unfreezing: the backbone joins in
             frozen = tuning.frozen(epoch)
             tuning.set_trainable(model_of(model), frozen)
@@ -139,6 +140,16 @@ def train_func(payload: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, **metrics, **stats, "node": node}
         # 4. Report from every worker; rank 0 alone attaches the checkpoint.
         _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
+
+
+def start_reading(clock, epoch: int, rank: int) -> None:
+    """Name the epoch to the training stream (data/order.py) before any worker reads it:
+    its order is drawn from the seed and this number, so a resumed run reads on in the
+    order the uninterrupted run would have."""
+    if rank == 0:
+        ray.get(clock.set.remote(epoch))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no worker's first read may reach the stream before the clock moved
 
 
 def _quiet_report_lines() -> None:

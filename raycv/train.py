@@ -127,7 +127,11 @@ def fit(
     write_manifest(run, cfg, "running", extra, kind, parent=cfg.finetune.source)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run": asdict(info)},
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "run": asdict(info),
+            "epoch_clock": streams.clock,
+        },
         scaling_config=scaling_config(cfg, local),
         run_config=RunConfig(
             name="checkpoints",  # Ray's files land in <run folder>/checkpoints

@@ -309,9 +309,11 @@ def _augmented_batches(job: Compression):
 
 
 def _training_batches(job: Compression) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``compress.calibration_images`` training images, prepared as for evaluation."""
+    """``compress.calibration_images`` training images drawn at random and stratified by
+    class (a class-sorted folder's first images would all be one class), prepared as for
+    evaluation."""
     n = job.cfg.compress.calibration_images
-    stream = job.streams.train_eval.limit(n)
+    stream = job.streams.train_sample(n, job.cfg.seed)
     return [
         (torch.from_numpy(b["image"]), torch.from_numpy(b["label"]).long())
         for b in stream.iter_batches(batch_size=CALIBRATION_BATCH, batch_format="numpy")

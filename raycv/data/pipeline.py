@@ -1,5 +1,6 @@
-"""The streams a training run reads: a source's cached images, augmented per epoch in
-Ray Data ``map_batches`` (train preset) or prepared for evaluation (eval preset)."""
+"""The streams a training run reads: a source's cached images, read in each epoch's
+order (``data/order.py``) and augmented in Ray Data ``map_batches`` (train preset), or
+prepared for evaluation in a fixed order (eval preset)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,33 @@ from dataclasses import dataclass
 import ray.data
 
 from raycv.config import Config
-from raycv.data.augment import build_preset
+from raycv.data.augment import Preset, build_preset
+from raycv.data.order import CHUNK, CachedRows, epoch_stream, stratified_sample
 from raycv.data.sources import SOURCES
 from raycv.errors import DataError
 
-AUGMENT_BATCH = 64  # large enough to amortise the fused warp, small enough to stream
+AUGMENT_BATCH = CHUNK  # large enough to amortise the fused warp, small enough to stream
 
 
 @dataclass
 class Streams:
-    train: ray.data.Dataset
+    train: ray.data.Dataset  # the epoch that ``clock`` names, in its order, augmented
+    clock: ray.actor.ActorHandle  # data/order.EpochClock: set by the loop before each epoch
     val: ray.data.Dataset
-    train_eval: ray.data.Dataset  # the train split prepared as for evaluation (calibration)
     class_names: list[str]
     num_train: int
     num_val: int
     skipped: list[str]
+    train_rows: CachedRows
+    augment: Preset
+    prepare: Preset
+
+    def train_sample(self, count: int, seed: int, augmented: bool = False) -> ray.data.Dataset:
+        """``count`` training images drawn at random, stratified by class (calibration,
+        Taylor importance, previews), prepared for evaluation or augmented as for training."""
+        rows = stratified_sample(self.train_rows.labels, count, seed)
+        preset = self.augment if augmented else self.prepare
+        return _mapped(self.train_rows.rows_dataset(rows), preset, batch_size=None)
 
 
 def build_streams(cfg: Config) -> Streams:
@@ -31,14 +43,31 @@ def build_streams(cfg: Config) -> Streams:
     num_train, num_val = source.train.count(), source.val.count()
     check_sizes(cfg, num_train, num_val, len(source.skipped))
     size, aug = cfg.model.image_size, cfg.augment
-    train = source.train.map_batches(
-        build_preset(aug.train_preset, aug, size), batch_size=AUGMENT_BATCH, batch_format="numpy"
-    )
+    augment = build_preset(aug.train_preset, aug, size)
     prepare = build_preset(aug.eval_preset, aug, size)
-    val = source.val.map_batches(prepare, batch_size=AUGMENT_BATCH, batch_format="numpy")
-    # Lazy like the others: only calibration and Taylor pruning ever read it.
-    train_eval = source.train.map_batches(prepare, batch_size=AUGMENT_BATCH, batch_format="numpy")
-    return Streams(train, val, train_eval, source.class_names, num_train, num_val, source.skipped)
+    rows = CachedRows.of(source.train)
+    ordered, clock = epoch_stream(rows, cfg.seed)
+    return Streams(
+        train=_mapped(ordered, augment, batch_size=None),
+        clock=clock,
+        val=_mapped(source.val, prepare),
+        class_names=source.class_names,
+        num_train=num_train,
+        num_val=num_val,
+        skipped=source.skipped,
+        train_rows=rows,
+        augment=augment,
+        prepare=prepare,
+    )
+
+
+def _mapped(
+    ds: ray.data.Dataset, preset: Preset, batch_size: int | None = AUGMENT_BATCH
+) -> ray.data.Dataset:
+    """``batch_size=None`` after a gather (data/order.py): each block is one gathered chunk
+    of ``CHUNK`` rows, and without a batch size Ray Data fuses the preset into the gather's
+    tasks, one chunk each (with one, it bundles the chunks into as few tasks as fill it)."""
+    return ds.map_batches(preset, batch_size=batch_size, batch_format="numpy")
 
 
 def check_sizes(cfg: Config, num_train: int, num_val: int, skipped: int) -> None:

@@ -1,6 +1,8 @@
 """Data sources by name. Each returns Ray Datasets of images decoded once to the working
 size and cached in the object store (``{"image": uint8 (W, W, 3), "label": int64}``), so
-each epoch pays only for augmentation."""
+each epoch pays only for augmentation. The cache keeps the order the source lists its
+images in: each epoch's shuffle (data/order.py) numbers rows by it, so the same files
+give the same rows in every run, and a resumed run reads on in the same order."""
 
 from __future__ import annotations
 
@@ -75,11 +77,18 @@ def shapes_source(cfg: Config) -> SourceData:
 
     def rendered(indices: np.ndarray) -> ray.data.Dataset:
         fn = _RenderShapes(indices, render_args, cfg.working_size)
-        return ray.data.range(len(indices)).map_batches(fn, batch_size=256).materialize()
+        return cached(ray.data.range(len(indices)).map_batches(fn, batch_size=256))
 
     return SourceData(
         shapes.class_names(s.num_classes, s.classes), rendered(train_idx), rendered(val_idx)
     )
+
+
+def cached(ds: ray.data.Dataset) -> ray.data.MaterializedDataset:
+    """``ds`` materialized in its input order (by default Ray Data keeps blocks in the order
+    their tasks finish, which differs from run to run)."""
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +269,7 @@ def _decoded(
 ) -> tuple[ray.data.Dataset, list[str]]:
     """Decode once and cache; return the good rows and the paths of the bad ones."""
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
-    ds = ds.map_batches(decoder, batch_size=64).materialize()
+    ds = cached(ds.map_batches(decoder, batch_size=64))
     # Project first: the filter then never moves the decoded pixels around.
     bad = ds.select_columns(["path", "error"]).filter(expr=col("error") != "").take_all()
     if bad and fail_on_bad:
@@ -272,5 +281,5 @@ def _decoded(
     # not, so only then is the result cached again.
     good = ds.drop_columns(["error", "path"])
     if bad:
-        good = ds.filter(expr=col("error") == "").drop_columns(["error", "path"]).materialize()
+        good = cached(ds.filter(expr=col("error") == "").drop_columns(["error", "path"]))
     return good, [row["path"] for row in bad]

@@ -1,0 +1,471 @@
+"""Validation accuracy in a wall-clock budget on real photos: raycv vs a plain torchvision script.
+
+Both train a ResNet-18 from scratch on the same ImageFolder (by default the 6-class clothing
+photos in ``../shared/data/clothing6``) at the same image size S and batch size, one after the
+other on the same cores, each for ``--budget-s`` seconds counted from its command's launch, so
+Python imports, data loading and start-up are part of what each pays:
+
+* ``seed recipe``: the plain script this project started from, run as a subprocess (this file
+  with a hidden ``--seed-recipe``): ``ImageFolder`` + PIL ``transforms.Compose`` (random
+  resized crop, horizontal and vertical flip, rotation 30 degrees, colour jitter 0.2,
+  normalise), a shuffled ``DataLoader`` with ``--loader-workers`` processes, torchvision's
+  ``resnet18``, Adam at 1e-3, cross-entropy; after every epoch it evaluates on the validation
+  split (resize, centre crop) and prints one JSON line, stamped with its own clock.
+* ``raycv``: ``raycv train CONFIG data.folder.root=... model.image_size=S train.batch_size=B``
+  (``--config``, default ``configs/folder.yaml``); the bench polls the run folder's
+  ``metrics.jsonl`` every 2 s and stamps each epoch when it first sees it (so raycv's epochs
+  carry up to 2 s of polling lag), then stops the run when the budget is spent.
+
+An epoch counts only if its validation finished within the budget.  The table gives each
+method's epochs, its best validation accuracy and when it got there; the goal line checks
+raycv >= seed recipe + 5 points.  Run by hand, not in CI:
+
+    python scripts/bench/real_photos.py                         # 2 x 10 min, S=112, batch 32
+    python scripts/bench/real_photos.py --budget-s 300 --image-size 64
+    python scripts/bench/real_photos.py --raycv-arg optimizer.lr=3e-3 --raycv-arg train.epochs=60
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import results
+from train_throughput import START_TIMEOUT
+
+log = logging.getLogger("bench")
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+GOAL = 0.05  # raycv's best val accuracy over the seed recipe's, in accuracy (5 points)
+EXPERIMENT = "bench-real-photos"
+POLL_S = 2.0  # how often the bench looks for a new epoch
+GRACE_S = 30.0  # after SIGINT, before SIGKILL: Ray needs a while to stop its workers
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = results.parser(__file__, __doc__, "the full results (every epoch of both, the machine)")
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--root",
+        type=Path,
+        default=REPO.parent / "shared" / "data" / "clothing6",
+        help="ImageFolder root holding train/<class>/*.jpg and <val-split>/<class>/*.jpg "
+        "(default: %(default)s)",
+    )
+    data.add_argument(
+        "--val-split",
+        default="validation",
+        help="folder under --root both methods validate on (default: %(default)s)",
+    )
+    run = p.add_argument_group("measurement")
+    run.add_argument(
+        "--image-size",
+        type=int,
+        default=112,
+        help="training crop side S of both methods; raycv's model.image_size (default 112)",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="batch size of both methods; raycv's train.batch_size (default 32)",
+    )
+    run.add_argument(
+        "--budget-s",
+        type=float,
+        default=600,
+        help="wall-clock seconds each method gets, from its command's launch (default 600)",
+    )
+    run.add_argument(
+        "--loader-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="the seed recipe's DataLoader worker processes "
+        f"(default: os.cpu_count() = {os.cpu_count()})",
+    )
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "configs" / "folder.yaml",
+        help="raycv config the raycv run starts from (default: configs/folder.yaml)",
+    )
+    run.add_argument(
+        "--raycv-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra dotted override for raycv train, after the bench's own (repeatable)",
+    )
+    run.add_argument(
+        "--only",
+        choices=("seed", "raycv"),
+        help="run one method alone (debugging; the goal is then not checked)",
+    )
+    # The seed recipe's own process: this file again, told when its command was launched.
+    p.add_argument("--seed-recipe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("image_size", "batch_size", "budget_s", "loader_workers"):
+        if getattr(args, name) < (0 if name == "loader_workers" else 1):
+            p.error(f"--{name.replace('_', '-')} is too small (got {getattr(args, name)})")
+    bad = [a for a in args.raycv_arg if "=" not in a]
+    if bad:
+        p.error(f"--raycv-arg takes KEY=VALUE, e.g. optimizer.lr=3e-3 (got {bad[0]!r})")
+    _check_root(args)
+    return args
+
+
+def _check_root(args: argparse.Namespace) -> None:
+    args.root = args.root.expanduser().resolve()
+    for split in ("train", args.val_split):
+        if not (args.root / split).is_dir():
+            raise SystemExit(
+                f"error: {args.root / split} is not a folder: pass --root ROOT holding "
+                f"train/ and {args.val_split}/ (an ImageFolder of class folders each)"
+            )
+
+
+# ---------------------------------------------------------------- the seed recipe (subprocess)
+
+
+def seed_transforms(size: int):
+    """The seed script's train and eval Compose. Not data_throughput's: that one takes raycv's
+    augment settings (crop scale 0.35-1), the seed script used torchvision's defaults (0.08-1)."""
+    from torchvision import transforms as T
+
+    normalise = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = [
+        T.RandomResizedCrop(size),
+        T.RandomHorizontalFlip(),
+        T.RandomVerticalFlip(),
+        T.RandomRotation(30, interpolation=T.InterpolationMode.BILINEAR),
+        T.ColorJitter(0.2, 0.2, 0.2),
+    ]
+    return T.Compose(train + normalise), T.Compose([T.Resize(size), T.CenterCrop(size), *normalise])
+
+
+def seed_recipe(args: argparse.Namespace) -> None:
+    """Train until the budget (from --launched-at) is spent; one JSON line per finished epoch."""
+    import torch
+    from torchvision import datasets, models
+
+    deadline = args.launched_at + args.budget_s
+    train_tf, eval_tf = seed_transforms(args.image_size)
+    train_set = datasets.ImageFolder(str(args.root / "train"), transform=train_tf)
+    val_set = datasets.ImageFolder(str(args.root / args.val_split), transform=eval_tf)
+    if val_set.classes != train_set.classes:
+        raise SystemExit(f"error: {args.val_split}/ classes {val_set.classes} differ from train/")
+    loader = torch.utils.data.DataLoader
+    workers = args.loader_workers
+    train = loader(train_set, args.batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    val = loader(val_set, args.batch_size, shuffle=False, num_workers=workers)
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=len(train_set.classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for epoch in itertools.count(1):
+        started = time.time() - args.launched_at
+        fit = seed_pass(model, train, deadline, optimizer)
+        check = seed_pass(model, val, deadline) if fit else None
+        if check is None:
+            return  # the budget ran out inside this epoch: it does not count
+        row = {"epoch": epoch, "seconds": time.time() - args.launched_at}
+        row |= {"epoch_started_s": started, "first_batch_s": fit.pop("first_batch_s")}
+        row |= {f"train_{k}": v for k, v in fit.items()}
+        row |= {f"val_{k}": v for k, v in check.items() if k != "first_batch_s"}
+        print(json.dumps(row), flush=True)
+
+
+def seed_pass(model, loader, deadline: float, optimizer=None) -> dict[str, float] | None:
+    """One pass over ``loader``, training when an optimizer is given; None once past the
+    deadline (checked every batch, so the process stops at the budget, not an epoch later)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train(optimizer is not None)
+    loss_sum, correct, seen, first_batch_s = 0.0, 0, 0, None
+    started = time.perf_counter()
+    with torch.set_grad_enabled(optimizer is not None):
+        for images, labels in loader:
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - started
+            if time.time() > deadline:
+                return None
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            if optimizer is not None:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += len(labels)
+    return {"loss": loss_sum / seen, "acc": correct / seen, "first_batch_s": first_batch_s}
+
+
+# ---------------------------------------------------------------- watching a command
+
+
+class SeedLines:
+    """The seed recipe's epochs: the JSON lines in its stdout file, stamped by its own clock."""
+
+    def __init__(self, stdout: Path) -> None:
+        self.stdout, self.epochs = stdout, []
+
+    def poll(self) -> None:
+        text = self.stdout.read_text() if self.stdout.is_file() else ""
+        # A line still being written has no newline yet: leave it for the next poll.
+        self.epochs = [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
+
+
+class RaycvMetrics:
+    """raycv's epochs from its run folder's metrics.jsonl (rewritten whole by MetricsRecorder
+    after every epoch), each stamped with the time the bench first saw it."""
+
+    def __init__(self, storage: Path, launched: float) -> None:
+        self.runs, self.launched, self.epochs = storage / EXPERIMENT, launched, []
+
+    def poll(self) -> None:
+        from raycv.runs import read_metrics
+
+        now = time.time()
+        found = sorted(self.runs.glob("*/metrics.jsonl"))  # a fresh storage: one run folder
+        if not found:
+            return
+        written = found[0].stat().st_mtime - self.launched
+        for row in read_metrics(found[0])[len(self.epochs) :]:
+            self.epochs.append(self._epoch(row, now - self.launched, written))
+
+    def _epoch(self, row: dict[str, Any], seen: float, written: float) -> dict[str, Any]:
+        keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "first_batch_s")
+        started = row.get("epoch_started_at")
+        return {
+            **{k: row.get(k) for k in keys},
+            "seconds": seen,
+            "written_s": written,  # the file's mtime: how much of `seconds` was polling lag
+            "epoch_started_s": None if started is None else started - self.launched,
+        }
+
+
+def watch(
+    cmd: list[str], launched: float, budget_s: float, poll: Callable[[], None], logs: Path
+) -> dict[str, Any]:
+    """Run ``cmd`` in its own process group, calling ``poll`` every POLL_S s, until it exits or
+    ``budget_s`` after ``launched`` has passed; then stop the whole group."""
+    env = {**os.environ, **{k: v for k, v in START_TIMEOUT.items() if k not in os.environ}}
+    deadline = launched + budget_s
+    with (logs / "stdout").open("w") as out, (logs / "stderr").open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        while proc.poll() is None and time.time() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # time to poll again
+                proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.time())))
+            poll()
+        stopped = proc.poll() is None
+        stop_group(proc)
+    poll()  # what the command wrote as it stopped; it lands after the budget and is not counted
+    return {"returncode": proc.returncode, "stopped_at_budget": stopped}
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT (raycv saves and shuts Ray down), SIGKILL after GRACE_S, and SIGKILL for what is
+    left of the group even after a clean exit: Ray's processes and DataLoader workers share it."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            log.warning("still running %.0f s after SIGINT: SIGKILL", GRACE_S)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # every process of the group has exited
+        os.killpg(pgid, sig)
+
+
+def _failed(watched: dict[str, Any], logs: Path) -> str | None:
+    """The error of a command that exited non-zero on its own (not stopped by the bench)."""
+    if watched["stopped_at_budget"] or watched["returncode"] == 0:
+        return None
+    tail = "\n".join((logs / "stderr").read_text().strip().splitlines()[-15:])
+    return f"exit status {watched['returncode']}:\n{tail}"
+
+
+# ---------------------------------------------------------------- the two methods
+
+
+def run_seed(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    launched = time.time()
+    cmd = [sys.executable, __file__, "--seed-recipe", f"--launched-at={launched!r}"]
+    cmd += [f"--root={args.root}", f"--val-split={args.val_split}"]
+    cmd += [f"--image-size={args.image_size}", f"--batch-size={args.batch_size}"]
+    cmd += [f"--budget-s={args.budget_s}", f"--loader-workers={args.loader_workers}"]
+    lines = SeedLines(logs / "stdout")
+    watched = watch(cmd, launched, args.budget_s, lines.poll, logs)
+    return summarise(cmd, lines.epochs, watched, _failed(watched, logs), args.budget_s)
+
+
+def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
+    return [
+        f"data.folder.root={args.root}",
+        f"data.folder.val_split={args.val_split}",
+        f"model.image_size={args.image_size}",
+        f"train.batch_size={args.batch_size}",
+        f"experiment={EXPERIMENT}",
+        f"run.storage={storage}",
+        *args.raycv_arg,
+    ]
+
+
+def raycv_command(args: argparse.Namespace, storage: Path) -> list[str]:
+    """``raycv train`` through the virtualenv's console script, else ``python -m raycv``."""
+    from raycv.config import ConfigError, load_config
+
+    overrides = raycv_overrides(args, storage)
+    try:  # a typo fails here in a second, not after a launch that the budget pays for
+        load_config(args.config, overrides)
+    except (ConfigError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {args.config} with {' '.join(overrides)}: {e}") from e
+    script = Path(sys.executable).with_name("raycv")
+    head = [str(script)] if script.is_file() else [sys.executable, "-m", "raycv"]
+    return [*head, "train", str(args.config), *overrides]
+
+
+def run_raycv(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    storage = logs / "runs"
+    cmd = raycv_command(args, storage)
+    launched = time.time()
+    metrics = RaycvMetrics(storage, launched)
+    watched = watch(cmd, launched, args.budget_s, metrics.poll, logs)
+    return summarise(cmd, metrics.epochs, watched, _failed(watched, logs), args.budget_s)
+
+
+def summarise(
+    cmd: list[str],
+    epochs: list[dict[str, Any]],
+    watched: dict[str, Any],
+    error: str | None,
+    budget_s: float,
+) -> dict[str, Any]:
+    counted = [e for e in epochs if e["seconds"] <= budget_s]
+    best = max(counted, key=lambda e: e["val_acc"], default=None)  # the earliest of ties
+    first = epochs[0] if epochs else {}
+    return {
+        "command": cmd,
+        **watched,
+        "error": error,
+        "epochs_within_budget": len(counted),
+        "best": best,
+        "first_epoch_s": first.get("seconds"),
+        "epoch1_started_s": first.get("epoch_started_s"),
+        "epoch1_first_batch_s": first.get("first_batch_s"),
+        "epochs": epochs,  # every one seen, including any that landed after the budget
+    }
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
+    methods = {"seed": run_seed, "raycv": run_raycv}
+    out = {}
+    for name, method in methods.items():
+        if args.only in (None, name):
+            log.info("%s: up to %.0f s from launch ...", name, args.budget_s)
+            logs = tmp / name
+            logs.mkdir()
+            out[name] = method(args, logs)
+            if out[name]["error"]:
+                log.error("%s failed: %s", name, out[name]["error"])
+    return out
+
+
+def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    names = {"seed": "seed recipe (torchvision script)", "raycv": f"raycv ({args.config.name})"}
+    rows = []
+    for key, m in out.items():
+        best = m["best"] or {}
+        rows.append(
+            (
+                names[key] + (" FAILED" if m["error"] else ""),
+                m["epochs_within_budget"],
+                f"{best['val_acc']:.3f}" if best else None,
+                best.get("epoch"),
+                best.get("seconds"),
+                m["epoch1_started_s"],
+                m["first_epoch_s"],
+            )
+        )
+    columns = ["method", "epochs", "best val acc", "at epoch", "at s", "epoch 1 start s"]
+    lines = [
+        results.table([*columns, "epoch 1 report s"], rows),
+        "",
+        goal_line(out),
+        f"S={args.image_size}, batch {args.batch_size}, budget {args.budget_s:.0f} s per method "
+        f"from launch, one after the other; {args.root.name}: train/ vs {args.val_split}/; "
+        f"raycv epochs stamped when the bench saw them (polled every {POLL_S:.0f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def goal_line(out: dict[str, dict[str, Any]]) -> str:
+    claim = f"goal: raycv >= seed recipe + {GOAL * 100:.0f} points"
+    if set(out) != {"seed", "raycv"}:
+        return f"{claim}: not checked (--only {next(iter(out))})"
+    raycv, seed = (out[k]["best"]["val_acc"] if out[k]["best"] else None for k in ("raycv", "seed"))
+    met = raycv is not None and (seed is None or raycv >= seed + GOAL)
+    return (
+        f"{claim}: {'met' if met else 'NOT met'} "
+        f"(raycv {_accuracy(raycv)} vs seed {_accuracy(seed)})"
+    )
+
+
+def _accuracy(value: float | None) -> str:
+    return "no epoch" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.seed_recipe:
+        seed_recipe(args)
+        return 0
+    results.setup_logging()
+    info = results.machine()
+    with tempfile.TemporaryDirectory(prefix="raycv-bench-") as tmp:
+        out = run(args, Path(tmp))
+    info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    data = {
+        "benchmark": "real_photos",
+        "machine": info,
+        "args": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k not in ("seed_recipe", "launched_at")  # the subprocess's own options
+        },
+        "goal": {"raycv_minus_seed_val_acc": GOAL},
+        "methods": out,
+    }
+    title = "Val accuracy in a wall-clock budget on real photos: raycv vs the seed recipe"
+    print(results.header(title, info))
+    print()
+    print(report(out, args))
+    results.write(args.out, data)
+    return 1 if any(m["error"] for m in out.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
