@@ -60,6 +60,11 @@ class FolderConfig(Section):
     root: str | None = Field(None, description="ImageFolder root: local path or pyarrow URI")
     train_split: str = "train"
     val_split: str = "val"
+    train_images: Literal["whole", "centre_crop"] = Field(
+        "whole",
+        description="training images cached whole, so random crops reach every side of a "
+        "non-square photo, or centre-cropped to a square once (validation always is)",
+    )
 
 
 class DataConfig(Section):

@@ -184,7 +184,7 @@ class _Decode:
     size: int
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, errors = decode_batch(batch["bytes"], batch["path"], self.size)
+        images, _, errors = decode_batch(batch["bytes"], batch["path"], self.size)
         return {"image": images, "path": batch["path"], "error": errors}
 
 

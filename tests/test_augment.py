@@ -20,6 +20,7 @@ from raycv.data.augment import (
     color_jitter,
     crop_boxes,
     denormalize,
+    true_sides,
 )
 
 PRESETS = ["classic", "classic_v2", "eval"]
@@ -193,6 +194,50 @@ def test_eval_is_deterministic_centre_crop():
 def test_eval_resizes_other_working_sizes():
     out = build_preset("eval", AugmentConfig(), 32)(batch_of(asymmetric_image(64)[None]))
     assert out["image"].shape == (1, 3, 32, 32)
+
+
+def smooth_photo(height: int, width: int) -> np.ndarray:
+    """uint8 (H, W, 3): a different colour at each side and each end, nothing sharp."""
+    y, x = np.mgrid[0:height, 0:width]
+    u, v = x / (width - 1), y / (height - 1)
+    return (np.stack([u, v, (1 - u) * (1 - v)], axis=-1) * 220 + 15).astype(np.uint8)
+
+
+def squeezed(photo: np.ndarray, side: int) -> np.ndarray:
+    """The photo resized whole into side x side, as data/images.decode_whole caches it."""
+    pixels = torch.from_numpy(photo).permute(2, 0, 1)
+    return TF.resize(pixels, [side, side], antialias=True).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("shape", [(40, 100), (100, 40)])
+def test_a_squeezed_photo_augments_as_the_photo_itself(name, shape):
+    """Crops, flips, rotation and the eval centre crop drawn on a squeezed photo with its
+    aspect ratio land where they land on the photo in its own proportions (same draws)."""
+    photo = smooth_photo(*shape)
+    side = min(shape)  # the photo's own pixels are then the units the draws are made in
+    preset = build_preset(name, AugmentConfig(rotation=25, scale=(0.2, 1.0)), 32)
+    preset.seed = 4
+    batch = batch_of(np.stack([photo] * 6))
+    direct = preset(batch)["image"]
+    cached = {**batch_of(np.stack([squeezed(photo, side)] * 6)), "aspect": np.full(6, 0.0)}
+    cached["aspect"][:] = shape[1] / shape[0]
+    out = preset(cached)["image"]
+    assert out.shape == direct.shape == (6, 3, 32, 32)
+    gap = np.abs(out - direct)  # normalised units: 0.04 is about 2 grey levels
+    assert gap.mean() < 0.04 and np.quantile(gap, 0.99) < 0.1, (gap.mean(), gap.max())
+    # Without its aspect the same squeezed photo comes out squeezed: far off.
+    ignored = preset({**cached, "aspect": np.ones(6)})["image"]
+    assert np.abs(ignored - direct).mean() > 0.2
+    if name != "eval":  # and the draws are not all alike: the check compares real crops
+        assert np.abs(direct[0] - direct[1:]).mean() > 0.5
+
+
+def test_true_sides_stretch_back_the_squeezed_side():
+    heights, widths = true_sides(np.array([2.0, 0.5, 1.0]), 3, 30, 30)
+    np.testing.assert_allclose(heights, [30, 60, 30])
+    np.testing.assert_allclose(widths, [60, 30, 30])
+    assert [a.tolist() for a in true_sides(None, 2, 30, 40)] == [[30, 30], [40, 40]]
 
 
 # ---------------------------------------------------------------- batch plumbing

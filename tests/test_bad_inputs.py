@@ -220,7 +220,7 @@ def test_a_corrupt_png_is_a_bad_image_that_a_batch_skips():
     for path, data in bad.items():
         with pytest.raises(BadImageError, match=rf"^{path}: not a readable image \(OSError: "):
             decode(data, path, 24)
-    images, errors = decode_batch([good, *bad.values()], ["/data/good.png", *bad], 24)
+    images, _, errors = decode_batch([good, *bad.values()], ["/data/good.png", *bad], 24)
     assert [bool(e) for e in errors] == [False, True, True]
     assert images[0].any() and not images[1:].any()
 

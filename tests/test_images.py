@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from raycv.config import from_dict
-from raycv.data.images import decode, decode_batch
+from raycv.data.images import decode, decode_batch, decode_whole
 from raycv.data.sources import SOURCES, SourceData, split_indices
 from raycv.errors import BadImageError
 
@@ -185,14 +185,32 @@ def test_truncated_jpeg_is_really_a_jpeg_cut_short():
 def test_decode_batch_flags_bad_files_with_a_zero_image():
     red = encode(Image.new("RGB", (40, 30), RED), "PNG")
     paths = ["/data/red.png", "/data/truncated.jpg", "/data/red again.png"]
-    images, errors = decode_batch([red, truncated_jpeg(), red], paths, SIZE)
-    assert images.shape == (3, SIZE, SIZE, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(images[[0, 2]], np.broadcast_to(RED, (2, SIZE, SIZE, 3)))
-    assert not images[1].any()
-    assert errors[0] == errors[2] == ""
-    assert errors[1].startswith("/data/truncated.jpg: not a readable image (")
-    empty, no_errors = decode_batch([], [], SIZE)
+    for whole in (False, True):
+        images, aspects, errors = decode_batch([red, truncated_jpeg(), red], paths, SIZE, whole)
+        assert images.shape == (3, SIZE, SIZE, 3) and images.dtype == np.uint8
+        np.testing.assert_array_equal(images[[0, 2]], np.broadcast_to(RED, (2, SIZE, SIZE, 3)))
+        assert not images[1].any()
+        assert errors[0] == errors[2] == ""
+        assert errors[1].startswith("/data/truncated.jpg: not a readable image (")
+        assert aspects[[0, 2]].tolist() == pytest.approx([40 / 30 if whole else 1.0] * 2)
+    empty, _, no_errors = decode_batch([], [], SIZE)
     assert empty.shape == (0, SIZE, SIZE, 3) and len(no_errors) == 0
+
+
+def test_decode_whole_keeps_the_sides_that_a_centre_crop_cuts_off():
+    """A wide photo, red | green | blue in thirds: the centre crop keeps only green; the whole
+    decode keeps all three, squeezed into the square, and the aspect that undoes it."""
+    img = Image.new("RGB", (96, 32), (0, 200, 0))
+    img.paste(RED, (0, 0, 32, 32))
+    img.paste((0, 0, 220), (64, 0, 96, 32))
+    data = encode(img, "PNG")
+    cropped = decode(data, "wide.png", SIZE)
+    pixels, aspect = decode_whole(data, "wide.png", SIZE)
+    assert aspect == 3.0 and pixels.shape == (SIZE, SIZE, 3)
+    for part, colour in zip(np.split(pixels, 3, axis=1), (RED, (0, 200, 0), (0, 0, 220))):
+        inner = part[:, 1:-1].reshape(-1, 3).astype(int)  # away from the bilinear seams
+        assert np.abs(inner - colour).max() <= 2, (colour, inner.min(0), inner.max(0))
+    assert np.abs(cropped[:, 1:-1].astype(int) - (0, 200, 0)).max() <= 2
 
 
 # ------------------------------------------------------------------ folder source on Ray
@@ -244,9 +262,13 @@ def rows(ds) -> list[dict]:
     return ds.take_all()
 
 
-def check_images(found: list[dict], size: int) -> None:
-    for row in found:
-        assert set(row) == {"image", "label"}
+def check_images(train: list[dict], val: list[dict], size: int, whole: bool = True) -> None:
+    """Training rows carry the aspect ratio of the whole image they squeeze (unless
+    centre-cropped on purpose); validation rows are centre crops."""
+    cropped = {"image", "label"}
+    columns = [cropped | ({"aspect"} if whole else set())] * len(train) + [cropped] * len(val)
+    for row, expected in zip(train + val, columns):
+        assert set(row) == expected
         image = row["image"]
         assert image.dtype == np.uint8 and image.shape == (size, size, 3)
         assert image.max() > 0, "a zero placeholder of a skipped file slipped through"
@@ -282,8 +304,18 @@ def test_folder_with_val_split(ray_local, split_tree):
     train, val = rows(data.train), rows(data.val)
     assert label_counts(train, 3) == split_tree["good"]["train"]
     assert label_counts(val, 3) == split_tree["good"]["val"]
-    check_images(train + val, cfg.working_size)
+    check_images(train, val, cfg.working_size)
     assert cfg.working_size == 37
+    # Each training row squeezes its whole image: the aspect undoes it (draw(): 36 px wide).
+    heights = {round(36 / row["aspect"]) for row in train}
+    assert heights == {30 + i for i in range(7)}, heights
+
+
+def test_folder_training_images_centre_cropped_on_request(ray_local, split_tree):
+    cfg = folder_cfg(split_tree["root"])
+    cfg.data.folder.train_images = "centre_crop"
+    data = SOURCES.get("folder")(cfg)
+    check_images(rows(data.train), rows(data.val), cfg.working_size, whole=False)
 
 
 def test_folder_without_val_split_carves_one(ray_local, tmp_path):
@@ -304,7 +336,7 @@ def test_folder_without_val_split_carves_one(ray_local, tmp_path):
     n_val = round(25 * 0.25)
     assert n_val - len(bad) <= len(val) <= n_val
     assert label_counts(train + val, 2) == [12, 10]
-    check_images(train + val, cfg.working_size)
+    check_images(train, val, cfg.working_size)
 
 
 def image_keys(found: list[dict]) -> list[bytes]:
@@ -374,4 +406,4 @@ def test_paths_with_spaces_and_non_ascii(ray_local, tmp_path):
     train, val = rows(data.train), rows(data.val)
     assert label_counts(train, 3) == [4, 4, 4]
     assert label_counts(val, 3) == [2, 2, 2]
-    check_images(train + val, 37)
+    check_images(train, val, 37)

@@ -2,7 +2,10 @@
 
 Images arrive already decoded and resized once to the working size (cached), as
 ``{"image": uint8 (N, H, W, 3), "label": int64 (N,), ...}``.  A preset replaces "image" with
-normalised ``float32 (N, 3, S, S)`` and passes every other key through untouched.
+normalised ``float32 (N, 3, S, S)`` and passes every other key through untouched.  An
+optional ``"aspect"`` column (float (N,), width / height) says that each image is a whole
+photo squeezed into the square (data/images.py ``decode_whole``): crops, rotation and the
+centre crop are then drawn in the photo's own proportions, as if on the file itself.
 
 Presets (registered in ``AUGMENTATIONS``):
 
@@ -13,7 +16,7 @@ Presets (registered in ``AUGMENTATIONS``):
   The reference implementation (and the benchmark baseline); about 3x slower.
 * ``eval``: deterministic resize + centre crop, applied to the whole batch at once.
 
-Each preset also exposes ``transform(images, rng)`` on a uint8 NCHW tensor; for ``classic``
+Each preset also exposes ``transform(images, rng, aspect)`` on a uint8 NCHW tensor; for ``classic``
 and ``eval`` it runs on whatever device the tensor lives on, so the same code can augment on a
 GPU.  ``__call__`` feeds it cache-sized chunks of the batch (``CHUNK_PIXELS``).
 """
@@ -57,14 +60,19 @@ class Preset:
         size = self.image_size
         out = np.empty((len(images), 3, size, size), dtype=np.float32)
         rng = np.random.default_rng(self.seed)  # one stream for the batch: chunks differ
+        aspect = batch.get("aspect")
         step = max(1, CHUNK_PIXELS // (size * size))
         for start in range(0, len(images), step):
-            chunk = self.transform(images[start : start + step], rng)
+            part = None if aspect is None else aspect[start : start + step]
+            chunk = self.transform(images[start : start + step], rng, part)
             out[start : start + len(chunk)] = chunk.numpy()
         return {**batch, "image": out}
 
-    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> normalised float32 (N, 3, S, S), drawing from ``rng``."""
+    def transform(
+        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
+    ) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> normalised float32 (N, 3, S, S), drawing from ``rng``;
+        ``aspect``: each image's width / height before it was squeezed into H x W."""
         raise NotImplementedError
 
 
@@ -108,17 +116,38 @@ class ClassicPreset(Preset):
     contrast, saturation in float (v2 permutes the order per image and rounds to uint8).
     """
 
-    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def transform(
+        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
+    ) -> torch.Tensor:
         n, _, height, width = images.shape
-        theta = _draw_affine(rng, self.cfg, n, height, width)
+        theta = _draw_affine(rng, self.cfg, n, *true_sides(aspect, n, height, width))
         out = _warp(images, torch.from_numpy(theta).to(images.device), self.image_size)
         out = out.mul_(1 / 255)  # scaled after the warp: S*S pixels instead of H*W
         out = color_jitter(out, _draw_jitter(rng, self.cfg, n))
         return _normalize(out, self.cfg)
 
 
+def true_sides(
+    aspect: np.ndarray | None, n: int, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's (height, width) in pixels of the proportions it had before it was
+    squeezed into ``height`` x ``width``: the squeezed side is stretched back, the other kept.
+    Boxes and rotations drawn in these units and scaled to [-1, 1] by them address the
+    squeezed pixels exactly (both span the whole image)."""
+    h = np.full(n, float(height))
+    w = np.full(n, float(width))
+    if aspect is None:
+        return h, w
+    stretch = np.asarray(aspect, np.float64) * h / w  # > 1: the width was squeezed
+    return np.where(stretch < 1, h / stretch, h), np.where(stretch > 1, w * stretch, w)
+
+
 def _draw_affine(
-    rng: np.random.Generator, cfg: AugmentConfig, n: int, height: int, width: int
+    rng: np.random.Generator,
+    cfg: AugmentConfig,
+    n: int,
+    height: np.ndarray,
+    width: np.ndarray,
 ) -> np.ndarray:
     flip_x = rng.random(n) < cfg.hflip
     flip_y = rng.random(n) < cfg.vflip
@@ -130,30 +159,31 @@ def _draw_affine(
 def crop_boxes(
     rng: np.random.Generator,
     n: int,
-    height: int,
-    width: int,
+    height: float | np.ndarray,
+    width: float | np.ndarray,
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> np.ndarray:
-    """(N, 4) int boxes (top, left, h, w): torchvision RandomResizedCrop.get_params, vectorised.
+    """(N, 4) int boxes (top, left, h, w): torchvision RandomResizedCrop.get_params, vectorised;
+    ``height`` and ``width``: one image size for all, or one per image.
 
     Each image gets up to 10 draws of (area, log-uniform aspect ratio); the first that fits is
     kept, and images where none fits fall back to the same centre crop torchvision uses.
     """
+    height = np.broadcast_to(np.asarray(height, np.float64), (n,))
+    width = np.broadcast_to(np.asarray(width, np.float64), (n,))
     shape = (n, _CROP_ATTEMPTS)
-    area = height * width * rng.uniform(scale[0], scale[1], shape)
+    area = (height * width)[:, None] * rng.uniform(scale[0], scale[1], shape)
     aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), shape))
     w = np.rint(np.sqrt(area * aspect)).astype(np.int64)
     h = np.rint(np.sqrt(area / aspect)).astype(np.int64)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.argmax(axis=1)
     w, h = w[np.arange(n), first], h[np.arange(n), first]
-    top = np.floor(rng.random(n) * (height - h + 1)).astype(np.int64)
-    left = np.floor(rng.random(n) * (width - w + 1)).astype(np.int64)
-    fallback = ~fits.any(axis=1)
-    if fallback.any():
-        fb = _fallback_box(height, width, ratio)
-        top[fallback], left[fallback], h[fallback], w[fallback] = fb
+    top = np.floor(rng.random(n) * (np.floor(height) - h + 1)).astype(np.int64)
+    left = np.floor(rng.random(n) * (np.floor(width) - w + 1)).astype(np.int64)
+    for i in np.flatnonzero(~fits.any(axis=1)):
+        top[i], left[i], h[i], w[i] = _fallback_box(int(height[i]), int(width[i]), ratio)
     return np.stack([top, left, h, w], axis=1)
 
 
@@ -173,10 +203,11 @@ def affine_matrices(
     flip_y: np.ndarray,
     angle: np.ndarray,
     boxes: np.ndarray,
-    height: int,
-    width: int,
+    height: float | np.ndarray,
+    width: float | np.ndarray,
 ) -> np.ndarray:
-    """(N, 2, 3) float32 ``affine_grid`` thetas for hflip -> vflip -> rotate -> resized crop.
+    """(N, 2, 3) float32 ``affine_grid`` thetas for hflip -> vflip -> rotate -> resized crop;
+    ``height`` and ``width``: one image size for all, or one per image (``true_sides``).
 
     A theta maps output coordinates in [-1, 1] back to input coordinates in [-1, 1]
     (align_corners=False), so the chain is walked backwards, in pixel units centred on the
@@ -184,6 +215,8 @@ def affine_matrices(
     output -> crop box -> undo rotation -> undo flips -> input, scaled to [-1, 1].
     """
     top, left, h, w = (boxes[:, k].astype(np.float64) for k in range(4))
+    height = np.broadcast_to(np.asarray(height, np.float64), (len(boxes),))
+    width = np.broadcast_to(np.asarray(width, np.float64), (len(boxes),))
     # Crop: output [-1, 1] spans the box; its centre sits at this offset from the image centre.
     crop = np.zeros((len(boxes), 3, 3))
     crop[:, 0, 0], crop[:, 0, 2] = w / 2, left + w / 2 - width / 2
@@ -195,7 +228,7 @@ def affine_matrices(
     rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
     # A flip about the centre is its own inverse: negate the coordinate.
     flips = np.stack([np.where(flip_x, -1.0, 1.0), np.where(flip_y, -1.0, 1.0)], -1)
-    to_unit = np.array([2 / width, 2 / height])[:, None]
+    to_unit = np.stack([2 / width, 2 / height], axis=-1)[:, :, None]
     linear = to_unit * flips[:, :, None] * rot  # rows scaled: diag(to_unit) @ diag(flips) @ rot
     return (linear @ crop[:, :2, :]).astype(np.float32)
 
@@ -274,13 +307,28 @@ class ClassicV2Preset(Preset):
             ]
         )
 
-    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def transform(
+        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
+    ) -> torch.Tensor:
         # v2 draws from torch's global generator: seed a private fork of it, so calls get fresh
         # entropy (or self.seed) and the caller's own random stream is left untouched.
         seed = int(rng.integers(2**62))
+        n, _, height, width = images.shape
+        heights, widths = true_sides(aspect, n, height, width)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return torch.stack([self.pipeline(image) for image in images])
+            return torch.stack(
+                [
+                    self.pipeline(_unsqueezed(image, h, w))
+                    for image, h, w in zip(images, heights, widths)
+                ]
+            )
+
+
+def _unsqueezed(image: torch.Tensor, height: float, width: float) -> torch.Tensor:
+    """A squeezed image resized back to its own proportions (per image: the reference)."""
+    size = [round(height), round(width)]
+    return image if list(image.shape[1:]) == size else v2.functional.resize(image, size)
 
 
 @AUGMENTATIONS.register("eval")
@@ -300,10 +348,26 @@ class EvalPreset(Preset):
             ]
         )
 
-    def transform(self, images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def transform(
+        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
+    ) -> torch.Tensor:
+        if aspect is not None:
+            return self._squeezed(images, aspect)
         if min(images.shape[-2:]) != self.resize_to:
             images = self.resize(images)
         return self.finish(images)
+
+    def _squeezed(self, images: torch.Tensor, aspect: np.ndarray) -> torch.Tensor:
+        """The same centre crop of whole photos squeezed into the square: one warp for the
+        batch, from the box that resize + centre crop would cut in each photo's proportions."""
+        n, _, height, width = images.shape
+        heights, widths = true_sides(aspect, n, height, width)
+        side = np.minimum(heights, widths) * self.image_size / self.resize_to
+        boxes = np.stack([(heights - side) / 2, (widths - side) / 2, side, side], axis=1)
+        still = np.zeros(n)
+        theta = affine_matrices(still > 0, still > 0, still, boxes, heights, widths)
+        out = _warp(images, torch.from_numpy(theta).to(images.device), self.image_size)
+        return _normalize(out.mul_(1 / 255), self.cfg)
 
 
 def _images_nchw(images: np.ndarray) -> torch.Tensor:

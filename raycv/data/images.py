@@ -48,9 +48,8 @@ def shrink(img: Image.Image, size: int) -> Image.Image:
     return img.reduce(factor)
 
 
-def decode(data: bytes, path: str, size: int) -> np.ndarray:
-    """Bytes of an image file -> uint8 (size, size, 3): shorter side resized to ``size``,
-    then centre-cropped, so each epoch's augmentation starts from a small cached array."""
+def _open(data: bytes, path: str, size: int) -> Image.Image:
+    """Bytes of an image file -> an upright RGB image, reduced towards ``size`` on the way."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -58,25 +57,49 @@ def decode(data: bytes, path: str, size: int) -> np.ndarray:
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
             # Rotate first (to_rgb drops EXIF), in place: no full-size copy when upright.
             ImageOps.exif_transpose(img, in_place=True)
-            img = to_rgb(shrink(img, size))
+            return to_rgb(shrink(img, size))
     except Exception as e:  # PIL raises many types for broken files
         raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def decode(data: bytes, path: str, size: int) -> np.ndarray:
+    """Bytes of an image file -> uint8 (size, size, 3): shorter side resized to ``size``,
+    then centre-cropped, so each epoch's augmentation starts from a small cached array."""
+    img = _open(data, path, size)
     return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
+def decode_whole(data: bytes, path: str, size: int) -> tuple[np.ndarray, float]:
+    """Bytes of an image file -> (uint8 (size, size, 3), width / height): the whole image
+    squeezed into the square, and the aspect ratio that undoes the squeeze. Training reads
+    these: a random resized crop drawn in the image's own proportions (data/augment.py)
+    then reaches the sides of a wide photo, as torchvision's does on the file itself,
+    which a centre crop cut off for good."""
+    img = _open(data, path, size)
+    aspect = img.width / img.height
+    pixels = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(pixels, dtype=np.uint8), aspect
+
+
 def decode_batch(
-    datas: Sequence[bytes], paths: Sequence[str], size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a Ray Data batch of file bytes -> (uint8 (N, size, size, 3), error texts).
+    datas: Sequence[bytes], paths: Sequence[str], size: int, whole: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a Ray Data batch of file bytes -> (uint8 (N, size, size, 3), aspect ratios,
+    error texts): centre-cropped (``decode``), or ``whole`` (``decode_whole``; otherwise the
+    aspect ratio is 1, that of the square crop).
 
     Never raises: an exception inside a Ray task surfaces as a generic task error that has
     lost the file name, so a bad file becomes a zero image and its error text ("" when good)
     and the caller decides whether to skip or stop."""
     images = np.zeros((len(paths), size, size, 3), np.uint8)
+    aspects = np.ones(len(paths), np.float32)
     errors = np.full(len(paths), "", dtype=object)
     for i, (data, path) in enumerate(zip(datas, paths)):
         try:
-            images[i] = decode(data, path, size)
+            if whole:
+                images[i], aspects[i] = decode_whole(data, path, size)
+            else:
+                images[i] = decode(data, path, size)
         except BadImageError as e:
             errors[i] = str(e)
-    return images, errors
+    return images, aspects, errors

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 CHUNK = 64  # rows gathered per Ray Data task, then augmented as one batch
 
@@ -52,7 +53,7 @@ class EpochClock:
 class CachedRows:
     """A source's decoded rows as NumPy blocks in the object store, addressable by row."""
 
-    blocks: list  # ObjectRefs of {"image": uint8 (n, W, W, 3), "label": int64 (n,)}
+    blocks: list  # ObjectRefs of {"image": uint8 (n, W, W, 3), "label": int64 (n,), ...}
     starts: np.ndarray  # the row number each block starts at
     labels: np.ndarray  # every row's label, in row order (for stratified draws)
 
@@ -68,13 +69,15 @@ class CachedRows:
         return len(self.labels)
 
     def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows at ``rows``, in that order, each with its row number (``row``: which
-        image a batch holds, e.g. to check an epoch's order)."""
+        """The rows at ``rows``, in that order, with every cached column, and each row's
+        number (``row``: which image a batch holds, e.g. to check an epoch's order)."""
         which = np.searchsorted(self.starts, rows, side="right") - 1
         needed = np.unique(which)
         got = dict(zip(needed, ray.get([self.blocks[i] for i in needed])))
-        images = np.stack([got[b]["image"][r - self.starts[b]] for b, r in zip(which, rows)])
-        return {"image": images, "label": self.labels[rows], "row": rows}
+        at = [(got[b], r - self.starts[b]) for b, r in zip(which, rows)]
+        columns = [c for c in got[needed[0]] if c != "label"]
+        picked = {c: np.stack([block[c][i] for block, i in at]) for c in columns}
+        return {**picked, "label": self.labels[rows], "row": rows}
 
     def rows_dataset(self, rows: np.ndarray) -> ray.data.Dataset:
         """A fixed selection of rows, read in chunks in the given order."""
@@ -114,7 +117,9 @@ class _GatherFixed:
 
 def epoch_stream(rows: CachedRows, seed: int) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """The training rows in each epoch's order, and the clock that names the epoch."""
-    clock = EpochClock.remote()
+    # On the driver's node: a clock on a worker node would die with it, and the run with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    clock = EpochClock.options(scheduling_strategy=here).remote()
     chunks = math.ceil(len(rows) / CHUNK)
     ds = ray.data.range(chunks, override_num_blocks=chunks)
     return _gathered(ds, _GatherEpoch(rows, clock, seed)), clock

@@ -1,8 +1,9 @@
 """Data sources by name. Each returns Ray Datasets of images decoded once to the working
-size and cached in the object store (``{"image": uint8 (W, W, 3), "label": int64}``), so
-each epoch pays only for augmentation. The cache keeps the order the source lists its
-images in: each epoch's shuffle (data/order.py) numbers rows by it, so the same files
-give the same rows in every run, and a resumed run reads on in the same order."""
+size and cached in the object store (``{"image": uint8 (W, W, 3), "label": int64}``, and
+for a folder's training split ``"aspect"``: the width / height of the whole image squeezed
+into the square), so each epoch pays only for augmentation. The cache keeps the order the
+source lists its images in: each epoch's shuffle (data/order.py) numbers rows by it, so the
+same files give the same rows in every run, and a resumed run reads on in the same order."""
 
 from __future__ import annotations
 
@@ -102,17 +103,23 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 @dataclass(frozen=True)
 class _Decode:
-    """Ray Data batch function: file bytes -> images; bad files flagged or fatal."""
+    """Ray Data batch function: file bytes -> images; bad files flagged or fatal. ``whole``
+    (the training split) keeps each whole image and its aspect ratio for the random resized
+    crop (data/images.py ``decode_whole``); validation is centre-cropped once, as torchvision
+    evaluates."""
 
     class_index: dict[str, int]
     size: int
+    whole: bool = False
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, errors = decode_batch(batch["bytes"], batch["path"], self.size)
+        images, aspects, errors = decode_batch(batch["bytes"], batch["path"], self.size, self.whole)
         labels = [self.class_index[_class_of(p)] for p in batch["path"]]
+        aspect = {"aspect": aspects} if self.whole else {}
         return {
             "image": images,
             "label": np.asarray(labels, dtype=np.int64),
+            **aspect,
             "path": batch["path"],
             "error": errors,
         }
@@ -131,12 +138,17 @@ class FolderSplit:
 def folder_source(cfg: Config) -> SourceData:
     fs, root = _filesystem(cfg.data.folder.root)
     split = find_split(fs, root, cfg)
-    decoder = _Decode({c: i for i, c in enumerate(split.classes)}, cfg.working_size)
+    class_index = {c: i for i, c in enumerate(split.classes)}
     fail = cfg.data.bad_images == "fail"
-    train, bad_train = _decoded(split.train, fs, decoder, fail)
+    train, bad_train = _decoded(
+        split.train,
+        fs,
+        _Decode(class_index, cfg.working_size, cfg.data.folder.train_images == "whole"),
+        fail,
+    )
     if bad_train:  # skipped files may have emptied a class
         check_classes_left(split.classes, split.train, bad_train)
-    val, bad_val = _decoded(split.val, fs, decoder, fail)
+    val, bad_val = _decoded(split.val, fs, _Decode(class_index, cfg.working_size), fail)
     if bad_train or bad_val:
         log.warning(
             "skipped %d unreadable files, e.g. %s",
