@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from raycv.config import from_dict
-from raycv.data.images import decode, decode_batch, decode_whole
+from raycv.data.images import decode, decode_batch, decode_whole, to_rgb
 from raycv.data.sources import SOURCES, SourceData, split_indices
 from raycv.errors import BadImageError
 
@@ -211,6 +211,29 @@ def test_decode_whole_keeps_the_sides_that_a_centre_crop_cuts_off():
         inner = part[:, 1:-1].reshape(-1, 3).astype(int)  # away from the bilinear seams
         assert np.abs(inner - colour).max() <= 2, (colour, inner.min(0), inner.max(0))
     assert np.abs(cropped[:, 1:-1].astype(int) - (0, 200, 0)).max() <= 2
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "clothing6").is_dir(), reason="../shared/data is not beside this clone"
+)
+def test_real_photos_decode_whole_in_their_own_proportions():
+    """Real portrait and landscape JPEGs (EXIF orientation, draft decoding): the whole photo
+    is squeezed into the square, with the aspect ratio the crops are drawn in."""
+    files = sorted((SHARED_DATA / "clothing6" / "train").glob("*/*.jpg"))[::40]
+    aspects = []
+    for path in files:
+        pixels, aspect = decode_whole(path.read_bytes(), str(path), 37)
+        photo = to_rgb(ImageOps.exif_transpose(Image.open(path)))
+        aspects.append(photo.width / photo.height)
+        assert aspect == pytest.approx(aspects[-1], rel=0.02), path
+        expected = np.asarray(photo.resize((37, 37), Image.Resampling.BOX), dtype=float)
+        gap = np.abs(pixels - expected).mean()  # the same picture, all of it
+        cropped = np.abs(decode(path.read_bytes(), str(path), 37) - expected).mean()
+        assert gap < 8 and (cropped > 3 * gap or abs(aspect - 1) < 0.1), (path, gap, cropped)
+    assert min(aspects) < 0.8 and max(aspects) > 1.2  # both portraits and landscapes
 
 
 # ------------------------------------------------------------------ folder source on Ray
