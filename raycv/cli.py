@@ -8,6 +8,7 @@ import sys
 
 from raycv.config import PIPELINE_STAGES, ConfigError, load_config, load_given, validate
 from raycv.errors import BadImageError, DataError, RunFailedError
+from raycv.resume import given_keys
 
 log = logging.getLogger("raycv")
 
@@ -317,14 +318,14 @@ def _train(args):
     cfg = load_config(args.config, args.overrides)
     from raycv.train import run_train
 
-    return run_train(cfg, local=args.local, resume=args.resume)
+    return run_train(cfg, local=args.local, resume=args.resume, keys=given_keys(args.overrides))
 
 
 def _tune(args):
     cfg = load_config(args.config, args.overrides)
     from raycv.sweep.run import run_tune
 
-    return run_tune(cfg, resume=args.resume)
+    return run_tune(cfg, resume=args.resume, keys=given_keys(args.overrides))
 
 
 def _finetune(args):
@@ -334,7 +335,8 @@ def _finetune(args):
     cfg = validate(given)
     from raycv.train import run_train
 
-    return run_train(cfg, local=args.local, resume=args.resume, stage="finetune")
+    keys = [*given_keys(args.overrides), *(["finetune.source"] if args.source else [])]
+    return run_train(cfg, local=args.local, resume=args.resume, stage="finetune", keys=keys)
 
 
 def _compress(args):
@@ -364,7 +366,10 @@ def _pipeline(args):
     cfg = validate(given)
     from raycv.pipeline import run_pipeline
 
-    return run_pipeline(given, cfg, resume=args.resume, local=args.local, until=args.until)
+    keys = given_keys(args.overrides)
+    return run_pipeline(
+        given, cfg, resume=args.resume, local=args.local, until=args.until, keys=keys
+    )
 
 
 def _export(args):

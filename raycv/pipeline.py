@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from raycv.config import (
 )
 from raycv.redact import redact
 from raycv.registry import Registry
+from raycv.resume import LOCATORS, resumed_config
 from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.session import ensure_ray, local_cpus
 from raycv.sweep.space import apply_sample
@@ -209,14 +210,19 @@ def check_pipeline(cfg: Config, given: dict[str, Any]) -> None:
         )
 
 
-def start(given: dict[str, Any], cfg: Config, resume: str | bool | None) -> Pipeline:
-    """A new pipeline folder, or the one being resumed (its saved config wins)."""
+def start(
+    given: dict[str, Any], cfg: Config, resume: str | bool | None, keys: Sequence[str] = ()
+) -> Pipeline:
+    """A new pipeline folder, or the one being resumed with its saved config. Keys set on
+    the command line may differ from it only where they found the folder: each stage goes
+    on with its own saved config, so any other would be accepted and then ignored."""
     if resume:
         run = RunFolder.find(
             cfg.run.storage, cfg.experiment, "pipeline", None if resume is True else resume
         )
         saved = run.path / GIVEN_FILE
         given = restore_secrets(yaml.safe_load(saved.read_text()), given, saved)
+        resumed_config(validate(given), cfg, keys, LOCATORS, str(run.path))  # or refuses
         cfg = validate(given)
         manifest = read_manifest(run.path) or {}
         return Pipeline(
@@ -239,10 +245,12 @@ def run_pipeline(
     resume: str | bool | None = None,
     local: bool = False,
     until: str | None = None,
+    keys: Sequence[str] = (),
 ) -> RunFolder:
-    """Run (or resume) every enabled stage in order; ``until`` stops after that stage."""
+    """Run (or resume) every enabled stage in order; ``until`` stops after that stage;
+    ``keys``: the config keys set on the command line (what --resume may take)."""
     check_pipeline(cfg, given)
-    p = start(given, cfg, resume)
+    p = start(given, cfg, resume, keys)
     p.local = local
     log.info("pipeline folder: %s", p.run.path)
     ensure_ray(p.cfg, num_cpus=_local_cpus(p.cfg))

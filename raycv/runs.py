@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from raycv import __version__, atomic
 from raycv import storage as remote
-from raycv.checkpoint import checkpoint_epochs
+from raycv.checkpoint import checkpoint_epochs, epoch_dir_name
+from raycv.checkpoint import load as load_checkpoint
 from raycv.config import ConfigError
+from raycv.errors import CorruptCheckpointError
 from raycv.redact import redact
 
 if TYPE_CHECKING:
@@ -250,11 +253,11 @@ class MetricsRecorder:
     prune: bool = False
 
     def record(self, per_worker: list[dict[str, Any]], saved: str | None = None) -> None:
-        """Append rank 0's metrics (shared by all after the all-reduce) and where each worker
-        ran; ``saved`` is the folder of the checkpoint reported with them."""
-        metrics = {k: v for k, v in per_worker[0].items() if k != "node"}
-        metrics["worker_nodes"] = [m.get("node") for m in per_worker]
+        """Append the epoch's row (``_row``); ``saved`` is the folder of the checkpoint
+        reported with it."""
+        metrics = _row(per_worker)
         history = [m for m in read_metrics(self.run.metrics) if m["epoch"] < metrics["epoch"]]
+        history += self._unrecorded(history, metrics["epoch"])
         history.append(metrics)
         atomic.write_text(self.run.metrics, "".join(json.dumps(m) + "\n" for m in history))
         self._tensorboard(metrics)
@@ -268,6 +271,30 @@ class MetricsRecorder:
 
     def best(self, history: list[dict[str, Any]]) -> dict[str, Any] | None:
         return best_of(history, self.metric, self.mode)
+
+    def _unrecorded(self, history: list[dict[str, Any]], epoch: int) -> list[dict[str, Any]]:
+        """Rows for the epochs between the history's last and ``epoch``: a driver killed
+        after a worker saved a checkpoint but before this recorder wrote its row leaves
+        such a gap, and the resumed run starts after that checkpoint. Each row comes from
+        the checkpoint's own metrics, marked ``recovered``; one whose checkpoint is gone
+        (``checkpoint.keep``) stays missing."""
+        last = history[-1]["epoch"] if history else 0
+        rows = [self._checkpointed(e) for e in range(last + 1, epoch)]
+        return [row for row in rows if row is not None]
+
+    def _checkpointed(self, epoch: int) -> dict[str, Any] | None:
+        name = epoch_dir_name(epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.run.checkpoints / name
+            try:
+                if self.run.uri is not None:  # a run on object storage: fetch that one folder
+                    folder = Path(tmp)
+                    remote.download(remote.join(self.run.uri, "checkpoints", name), folder)
+                saved = load_checkpoint(folder)
+            except (FileNotFoundError, CorruptCheckpointError):  # gone, or never whole
+                return None
+        log.warning("epoch %d was saved but not recorded: its row comes from its checkpoint", epoch)
+        return {**_row([saved["metrics"]]), "recovered": True}
 
     def _keep_best(self, saved: str) -> None:
         """Copy the checkpoint folder ``saved`` (a path in the store for a URI run) to best/."""
@@ -285,6 +312,13 @@ class MetricsRecorder:
             for key, value in metrics.items():
                 if key != "epoch" and isinstance(value, (int, float)):
                     writer.add_scalar(key, value, metrics["epoch"])
+
+
+def _row(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
+    """A metrics.jsonl row: rank 0's metrics (shared by all after the all-reduce) and where
+    each worker ran."""
+    row = {k: v for k, v in per_worker[0].items() if k != "node"}
+    return {**row, "worker_nodes": [m.get("node") for m in per_worker]}
 
 
 def _replace_tree(fill: Callable[[Path], object], target: Path) -> None:

@@ -24,6 +24,7 @@ from raycv.doctor import require_fit
 from raycv.errors import DataError, NonFiniteLossError, RunFailedError
 from raycv.finetune.sources import apply_source
 from raycv.loop import RunInfo, recorder, train_func
+from raycv.resume import LOCATORS, TRAINING, resumed_config
 from raycv.runs import MetricsRecorder, RunFolder, read_metrics, require_path, write_manifest
 from raycv.session import ensure_ray
 
@@ -45,11 +46,16 @@ class _RecordReports(ray.train.UserCallback):
 
 
 def prepare_run(
-    cfg: Config, stage: str, resume: str | bool | None, at: Path | None = None
+    cfg: Config,
+    stage: str,
+    resume: str | bool | None,
+    at: Path | None = None,
+    keys: Sequence[str] = (),
 ) -> tuple[Config, RunFolder]:
-    """A new run folder, or the one being resumed (whose saved config wins). ``at`` fixes
-    the folder (a pipeline's stage): started there before means resumed. Secrets redacted
-    in the saved config come from ``cfg``."""
+    """A new run folder, or the one being resumed, with its saved config and what the user
+    set now at ``keys`` where ``--resume`` may change it (raycv/resume.py; refused
+    otherwise). ``at`` fixes the folder (a pipeline's stage): started there before means
+    resumed. Secrets redacted in the saved config come from ``cfg``."""
     if at is not None and (at / "config.yaml").is_file():
         return load_saved(at / "config.yaml", cfg), RunFolder(at)
     if at is not None:
@@ -61,10 +67,12 @@ def prepare_run(
         run = RunFolder.find(
             cfg.run.storage, cfg.experiment, stage, None if resume is True else resume
         )
+        may_change = TRAINING if stage in ("train", "finetune") else LOCATORS  # sweeps
         saved = load_saved(run.config, cfg)
-        if saved.model_dump() != cfg.model_dump():
-            log.warning("resuming %s with the config saved there, not the one given now", run.path)
-        return saved, run
+        resumed = resumed_config(saved, cfg, keys, may_change, str(run.path))
+        if resumed != saved:  # what the run now goes on with, for its next resume too
+            run.config.write_text(dump_config(resumed))
+        return resumed, run
     run = RunFolder.create(cfg.run.storage, cfg.experiment, stage)
     run.config.write_text(dump_config(cfg))
     return cfg, run
@@ -77,17 +85,19 @@ def run_train(
     resume: str | bool | None = None,
     stage: str = "train",
     at: Path | None = None,
+    keys: Sequence[str] = (),
 ) -> RunFolder:
     """A train run, or (``stage="finetune"``) a transfer-learning run from
     ``finetune.source``: the same loop, with the source's weights and the strategy.
-    ``at``: the run folder (a pipeline's stage), resumed if it was started before."""
+    ``at``: the run folder (a pipeline's stage), resumed if it was started before.
+    ``keys``: the config keys the user set on the command line (what --resume may take)."""
     if stage == "finetune" and not cfg.finetune.source:
         raise ConfigError("raycv finetune needs --from SOURCE (or finetune.source in the config)")
     if local:  # the in-process loop writes checkpoints into the local folder
         require_path(cfg.run.storage, "--local", ", or drop --local")
     cfg = apply_source(cfg)  # before Ray starts: a bad source fails here, in one line
     cfg = resolve_teacher(cfg)
-    cfg, run = prepare_run(cfg, stage, resume, at)
+    cfg, run = prepare_run(cfg, stage, resume, at, keys)
     started = time.time()
     log.info("run folder: %s", run.where)
     if run.uri:

@@ -203,10 +203,12 @@ def test_sweep_trial_killed_is_retried_from_its_checkpoint(cluster, smoke):
     def metrics() -> Path | None:
         return next(iter(storage.glob(f"{cfg.experiment}/tune-*/trials/*/metrics.jsonl")), None)
 
+    # Tune's actor that runs the trial function, found while epoch 1 runs: on a loaded
+    # machine the State API can lag by more than the epochs left after it.
+    (trial,) = _alive("ImplicitFunc", timeout=420)  # as long as _wait_for_epochs waits
     _wait_for_epochs(metrics, 1, job)
 
     def kill_the_trial() -> None:
-        (trial,) = _alive("ImplicitFunc")  # Tune's actor that runs one trial function
         os.kill(trial.pid, signal.SIGKILL)
 
     before, killed_at = _inject(metrics(), kill_the_trial)

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -33,13 +34,20 @@ DATA_CPUS = 1  # left unreserved per trial, for its decoding and augmentation
 TRIAL_CPU = 0.01  # the trial function's own reservation
 
 
-def run_tune(cfg: Config, *, resume: str | bool | None = None, at: Path | None = None) -> RunFolder:
-    """The sweep; ``at`` fixes its folder (a pipeline's stage), resumed if started before."""
+def run_tune(
+    cfg: Config,
+    *,
+    resume: str | bool | None = None,
+    at: Path | None = None,
+    keys: Sequence[str] = (),
+) -> RunFolder:
+    """The sweep; ``at`` fixes its folder (a pipeline's stage), resumed if started before;
+    ``keys``: the config keys set on the command line (what --resume may take)."""
     require_path(cfg.run.storage, "raycv tune")  # trials write their folders on every node
     cfg = resolve_teacher(apply_source(cfg))  # a bad source or teacher fails here
     check_space(cfg)  # before Ray starts: every sampled config must be valid
     resume = resume or (at is not None and (at / "config.yaml").is_file())
-    cfg, run = prepare_run(cfg, "tune", resume, at)
+    cfg, run = prepare_run(cfg, "tune", resume, at, keys)
     log.info("sweep folder: %s", run.path)
     ensure_ray(cfg, num_cpus=local_sweep_cpus(cfg))
     require_fit(cfg.scaling)  # a trial's workers must fit, or every trial would fail
