@@ -58,19 +58,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = results.parser(__file__, __doc__, "the full results (every epoch of both, the machine)")
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--root",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "clothing6",
-        help="ImageFolder root holding train/<class>/*.jpg and <val-split>/<class>/*.jpg "
-        "(default: %(default)s)",
-    )
-    data.add_argument(
-        "--val-split",
-        default="validation",
-        help="folder under --root both methods validate on (default: %(default)s)",
-    )
+    results.add_photo_folder(p.add_argument_group("data"))
     run = p.add_argument_group("measurement")
     run.add_argument(
         "--image-size",
@@ -125,18 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [a for a in args.raycv_arg if "=" not in a]
     if bad:
         p.error(f"--raycv-arg takes KEY=VALUE, e.g. optimizer.lr=3e-3 (got {bad[0]!r})")
-    _check_root(args)
+    results.check_photo_folder(args)
     return args
-
-
-def _check_root(args: argparse.Namespace) -> None:
-    args.root = args.root.expanduser().resolve()
-    for split in ("train", args.val_split):
-        if not (args.root / split).is_dir():
-            raise SystemExit(
-                f"error: {args.root / split} is not a folder: pass --root ROOT holding "
-                f"train/ and {args.val_split}/ (an ImageFolder of class folders each)"
-            )
 
 
 # ---------------------------------------------------------------- the seed recipe (subprocess)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import results
-from real_photos import REPO, _check_root
+from real_photos import REPO
 from train_throughput import START_TIMEOUT
 
 log = results.log
@@ -53,13 +53,7 @@ ARMS = {
 
 def parse_args(argv: list[str] | None = None):
     p = results.parser(__file__, __doc__, "every run's epochs and the arms' summaries")
-    p.add_argument(
-        "--root",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "clothing6",
-        help="ImageFolder root holding train/ and the validation split (default: %(default)s)",
-    )
-    p.add_argument("--val-split", default="validation", help="its validation folder's name")
+    results.add_photo_folder(p)
     p.add_argument("--image-size", type=int, default=112, help="model.image_size (default 112)")
     p.add_argument("--batch-size", type=int, default=32, help="train.batch_size (default 32)")
     p.add_argument("--epochs", type=int, default=15, help="train.epochs of every run (15)")
@@ -68,7 +62,7 @@ def parse_args(argv: list[str] | None = None):
         "--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to run (all)"
     )
     args = p.parse_args(argv)
-    _check_root(args)
+    results.check_photo_folder(args)
     return args
 
 

@@ -113,6 +113,37 @@ def parser(script: str, doc: str, writes: str) -> argparse.ArgumentParser:
     return p
 
 
+# Real photos beside the checkout (../shared/data, see its README): 6 clothing classes.
+CLOTHING = Path(__file__).resolve().parents[3] / "shared" / "data" / "clothing6"
+
+
+def add_photo_folder(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--root`` and ``--val-split``: a real ImageFolder, by default the clothing photos."""
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=CLOTHING,
+        help="ImageFolder root holding train/<class>/*.jpg and <val-split>/<class>/*.jpg "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--val-split",
+        default="validation",
+        help="the validation folder under --root (default: %(default)s)",
+    )
+
+
+def check_photo_folder(args: argparse.Namespace) -> None:
+    """Resolve ``args.root`` and stop in one line unless both of its splits are there."""
+    args.root = args.root.expanduser().resolve()
+    for split in ("train", args.val_split):
+        if not (args.root / split).is_dir():
+            raise SystemExit(
+                f"error: {args.root / split} is not a folder: pass --root ROOT holding "
+                f"train/ and {args.val_split}/ (an ImageFolder of class folders each)"
+            )
+
+
 def setup_logging() -> None:
     """Progress on stderr as plain lines; the table alone goes to stdout."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -26,24 +26,19 @@ import numpy as np
 import results
 
 log = results.log
-REPO = Path(__file__).resolve().parents[2]
 METHODS = ("cached order", "epoch order (raycv)", "random_shuffle", "block order + local buffer")
 
 
 def parse_args(argv: list[str] | None = None):
     p = results.parser(__file__, __doc__, "seconds per epoch and classes per batch per method")
-    p.add_argument(
-        "--root",
-        type=Path,
-        default=REPO.parent / "shared" / "data" / "clothing6",
-        help="an ImageFolder with a train/ split (default: %(default)s)",
-    )
-    p.add_argument("--val-split", default="validation", help="its validation folder's name")
+    results.add_photo_folder(p)
     p.add_argument("--image-size", type=int, default=224, help="model input size (px)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch read")
     p.add_argument("--epochs", type=int, default=4, help="epochs timed per method")
     p.add_argument("--buffer-batches", type=int, default=4, help="local shuffle buffer, in batches")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    results.check_photo_folder(args)
+    return args
 
 
 def config(args):
@@ -183,8 +178,6 @@ def report(out: dict[str, Any], args) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results.setup_logging()
-    if not (args.root / "train").is_dir():
-        raise SystemExit(f"error: {args.root}/train not found; pass --root an ImageFolder")
     info = results.machine()
     out = run(args)
     print(results.header("Shuffling the training stream: cost and mixing", info))
