@@ -13,13 +13,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
+import ray._private.state
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
 
 from raycv import checkpoint
 from raycv.config import from_dict
@@ -98,12 +99,24 @@ def _wait_for_epochs(metrics: Callable[[], Path | None], epochs: int, job: Backg
     pytest.fail(f"epoch {epochs} was not recorded in time")
 
 
-def _alive(class_name: str, timeout: float = 60.0) -> list:
-    """The live actors of ``class_name``, waiting for one to show: on a loaded machine the
-    State API can lag behind the actor's start."""
+@dataclass(frozen=True)
+class _Actor:
+    pid: int
+    node_id: str
+
+
+def _alive(class_name: str, timeout: float = 60.0) -> list[_Actor]:
+    """The live actors of ``class_name``, waiting for one to show. Read from the GCS's own
+    actor table: in a full test run the dashboard's State API answered without a trial's
+    actor for minutes, while that actor trained its epochs."""
     deadline = time.time() + timeout
     while True:
-        found = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        table = ray._private.state.actors(actor_state_name="ALIVE").values()
+        found = [
+            _Actor(a["Pid"], a["Address"]["NodeID"])
+            for a in table
+            if a["ActorClassName"] == class_name
+        ]
         if found or time.time() > deadline:
             return found
         time.sleep(0.5)
