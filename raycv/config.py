@@ -67,10 +67,40 @@ class FolderConfig(Section):
     )
 
 
+class MaskFolderConfig(Section):
+    """Images and segmentation masks paired by file stem; the layout is found by itself
+    (data/mask_layouts.py); the keys below override what it finds."""
+
+    root: str | None = Field(None, description="folder of images and masks: local path or URI")
+    images: str | None = Field(None, description="sub-folder of the images (default: found)")
+    masks: str | None = Field(None, description="sub-folder of the masks (default: found)")
+    mask_suffix: str | None = Field(
+        None, description="what a mask's stem adds to its image's, e.g. _mask (default: found)"
+    )
+    train_split: str = "train"
+    val_split: str = "val"
+    classes: list[str] | None = Field(
+        None,
+        description="class names in pixel-value order, background first "
+        "(default: classes.txt in the root)",
+    )
+    palette: list[tuple[int, int, int]] | None = Field(
+        None,
+        description="colour-coded RGB masks: the RGB colour of each class, in class order",
+    )
+
+
 class DataConfig(Section):
     source: str = Field("shapes", description="data source (see raycv.data.sources.SOURCES)")
     shapes: ShapesConfig = ShapesConfig()
     folder: FolderConfig = FolderConfig()
+    mask_folder: MaskFolderConfig = MaskFolderConfig()
+    ignore_index: int = Field(
+        255,
+        ge=0,
+        le=255,
+        description="segmentation: mask value left out of the loss and metrics",
+    )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="share carved out for validation when there is no val split"
     )
@@ -112,6 +142,11 @@ class ModelConfig(Section):
     name: str = Field("resnet18", description="registered model (see `raycv models`)")
     weights: str | None = Field(None, description="torchvision weights name, e.g. DEFAULT")
     image_size: int = Field(64, ge=8, description="training crop side")
+    encoder: str | None = Field(
+        None,
+        description="segmentation-models-pytorch models (unet, pspnet, deeplabv3plus): the "
+        "encoder, e.g. resnet18, resnet34, mobilenet_v2, efficientnet-b0 (default resnet18)",
+    )
 
 
 class OptimizerConfig(Section):
@@ -135,6 +170,9 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1, description="global batch size, split over workers")
     grad_accum_steps: int = Field(1, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    dice_weight: float = Field(
+        0.0, ge=0, description="segmentation: weight of a Dice term added to cross-entropy"
+    )
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none", description="scale optimizer.lr by (global batch / base_batch_size)"
     )
@@ -187,8 +225,12 @@ class ScalingConfig(Section):
 
 class CheckpointConfig(Section):
     keep: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept too)")
-    metric: str = "val_acc"
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = Field(
+        None,
+        description="metric that picks the best checkpoint (default: the task's, val_acc "
+        "for classification, val_miou for segmentation)",
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="default: the metric's own")
 
 
 class PruneConfig(Section):
@@ -340,8 +382,8 @@ class TrialSchedulerConfig(Section):
 
 class ObjectiveConfig(Section):
     kind: str = Field("single", description="single, constraint or pareto")
-    metric: str = Field("val_acc", description="the quality metric")
-    mode: Literal["max", "min"] = "max"
+    metric: str | None = Field(None, description="the quality metric (default: the task's)")
+    mode: Literal["max", "min"] | None = Field(None, description="default: the metric's own")
     cost: Literal["macs", "latency_ms", "params"] = Field(
         "macs", description="constraint / second objective (always minimised)"
     )
@@ -424,6 +466,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         _check_names(self)
+        _fill_task_defaults(self)
         _check_workers(self)
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
@@ -474,6 +517,52 @@ def _check_names(cfg: Config) -> None:
             raise ValueError(f"{key}={value!r} is unknown; choose one of: {', '.join(registry)}")
 
 
+def _fill_task_defaults(cfg: Config) -> None:
+    """The task's primary metric where none is set, and a model made for the task."""
+    from raycv.models import MODELS
+    from raycv.tasks import TASKS
+
+    primary = TASKS.get(cfg.task).primary
+    for section in (cfg.checkpoint, cfg.tune.objective):
+        if section.metric is None:
+            section.metric = primary.name
+        if section.mode is None:
+            section.mode = (
+                primary.mode if section.metric == primary.name else _mode_of(section.metric)
+            )
+    spec = MODELS.get(cfg.model.name)
+    if spec.task != cfg.task:
+        fits = [n for n in MODELS if MODELS.get(n).task == cfg.task]
+        raise ValueError(
+            f"model.name={cfg.model.name} is a {spec.task} model, the task is {cfg.task}; "
+            f"choose one of: {', '.join(fits)}"
+        )
+    _check_encoder(cfg, spec)
+
+
+def _mode_of(metric: str) -> str:
+    """Losses and costs fall as models improve; everything else rises."""
+    return "min" if metric.endswith("loss") or metric in ("macs", "latency_ms", "params") else "max"
+
+
+def _check_encoder(cfg: Config, spec) -> None:
+    encoder = cfg.model.encoder
+    if encoder is None:
+        return
+    if spec.encoder is None:
+        raise ValueError(
+            f"model.encoder is for unet, pspnet and deeplabv3plus, not {cfg.model.name}"
+        )
+    from raycv.models.segmentation import smp_encoders
+
+    known = smp_encoders()
+    if encoder not in known:
+        close = difflib.get_close_matches(encoder, known, n=5)
+        raise ValueError(
+            f"model.encoder={encoder!r} is unknown; e.g. {', '.join(close or known[:8])}"
+        )
+
+
 def _check_workers(cfg: Config) -> None:
     s, batch = cfg.scaling, cfg.train.batch_size
     if s.elastic and batch < s.max_workers:
@@ -485,6 +574,15 @@ def _check_workers(cfg: Config) -> None:
         raise ValueError(
             f"train.batch_size must be a positive multiple of scaling.num_workers "
             f"(got {batch} for {s.num_workers} workers)"
+        )
+    from raycv.models import MODELS
+
+    least = MODELS.get(cfg.model.name).min_batch
+    if batch // s.max_workers < least:
+        raise ValueError(
+            f"train.batch_size={batch} gives {batch // s.max_workers} image(s) per worker; "
+            f"{cfg.model.name} needs at least {least} (BatchNorm after global pooling): "
+            f"raise it to {least * s.max_workers}"
         )
     if s.elastic and cfg.run.max_failures == 0:
         raise ValueError(

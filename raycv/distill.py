@@ -7,11 +7,11 @@ device and runs it on the same (augmented) batch as the student (Hinton et al. 2
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raycv.artifacts import checkpoint_file, load_checkpoint, load_trained
 from raycv.config import Config, ConfigError, DistillConfig, validate
+from raycv.tasks import Task
 
 
 class Teacher:
@@ -21,35 +21,17 @@ class Teacher:
         self.weight = weight
 
     def blend(
-        self, hard_loss: torch.Tensor, student_logits: torch.Tensor, inputs: torch.Tensor
-    ) -> torch.Tensor:
-        """``(1 - w) * hard_loss + w * T^2 * KL(teacher_T || student_T)``: the T^2 keeps the
-        soft term's gradients on the hard term's scale whatever the temperature."""
+        self, task: Task, losses: dict[str, torch.Tensor], outputs, batch: dict
+    ) -> dict[str, torch.Tensor]:
+        """``(1 - w) * hard loss + w * soft loss``: the task's soft-target loss between the
+        student's and the teacher's outputs on the same batch, a loss part of its own."""
         with torch.no_grad():
-            teacher_logits = _logits(self.model(inputs))
-        return (1 - self.weight) * hard_loss + self.weight * soft_target_loss(
-            student_logits, teacher_logits, self.temperature
-        )
-
-
-def soft_target_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits.float() / t, dim=1),
-            F.log_softmax(teacher_logits.float() / t, dim=1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * t
-        * t
-    )
-
-
-def _logits(outputs) -> torch.Tensor:
-    return outputs.logits if hasattr(outputs, "logits") else outputs  # Inception in training
+            teacher = task.logits(task.forward(self.model, batch))
+        soft = task.distill_loss(task.logits(outputs), teacher, self.temperature)
+        return {
+            **{name: (1 - self.weight) * value for name, value in losses.items()},
+            "distill": self.weight * soft,
+        }
 
 
 def load_teacher(cfg: DistillConfig, device: torch.device) -> Teacher | None:

@@ -31,7 +31,7 @@ from raycv.models import create_model
 from raycv.optim import build_optimizer, build_scheduler, scaled_lr
 from raycv.pruning import PRUNERS, prune_model
 from raycv.runs import MetricsRecorder, RunFolder
-from raycv.tasks import TASKS
+from raycv.tasks import Task, build_task, total
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def train_func(payload: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # 1. Model (from pretrained weights and pruned, as configured).
+    task = build_task(cfg, info.class_names)
     model = build_model(cfg, len(info.class_names))
     # What the model costs, measured once before training (rank 0 alone, so that the
     # latency is not timed while another worker competes for the same cores).
@@ -124,7 +125,6 @@ def train_func(payload: dict[str, Any]) -> None:
     # 3. This worker's shard of each Ray Data stream.
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    task = TASKS.get(cfg.task)(len(info.class_names), cfg.train.label_smoothing)
     teacher = load_teacher(cfg.distill, device)  # None unless distilling
     steps = steps_per_epoch(cfg, info.num_train)
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -165,7 +165,9 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
     at ``prune.ratio``. Seeded, so that every worker (and a resumed run) builds the same
     weights and therefore prunes the same channels."""
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes, cfg.model.weights, cfg.model.image_size)
+    model = create_model(
+        cfg.model.name, num_classes, cfg.model.weights, cfg.model.image_size, cfg.model.encoder
+    )
     if cfg.finetune.source:
         load_source_weights(model, cfg, num_classes)
     return prune_model(model, cfg.model.name, cfg.prune, cfg.model.image_size)
@@ -197,13 +199,14 @@ def _last_checkpoint(info: RunInfo) -> dict[str, Any] | None:
 
 
 def train_one_epoch(
-    model, state: State, task, shard, cfg: Config, device, steps: int, teacher: Teacher | None
+    model, state: State, task: Task, shard, cfg: Config, device, steps: int, teacher: Teacher | None
 ) -> dict:
     """One epoch of steps; the caller has put the model in training mode. With a
     ``teacher``, the loss that trains blends in its soft targets."""
     accum = cfg.train.grad_accum_steps
     batches = _batches(shard, cfg, device, train=True)
-    meter = task.metrics()
+    meter = task.evaluator()
+    parts = LossParts()
     waited, first_batch_s = 0.0, None
     started_at = time.time()  # wall clock: benchmarks measure start-up against it
     started = time.perf_counter()
@@ -215,10 +218,12 @@ def train_one_epoch(
             first_batch_s = waited if first_batch_s is None else first_batch_s
             sync = micro == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():
-                loss, logits = _forward(model, task, batch, cfg, device, teacher)
+                outputs, losses = _forward(model, task, batch, cfg, device, teacher)
+                loss = total(losses)
                 _check_finite(loss, step, cfg)
                 state.scaler.scale(loss / accum).backward()
-            meter.update(loss.detach(), logits.detach(), task.targets(batch))
+            meter.process(batch, outputs, losses)
+            parts.add(losses)
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.optimizer.zero_grad(set_to_none=True)
@@ -228,8 +233,10 @@ def train_one_epoch(
     elapsed = time.perf_counter() - started
     world = ray.train.get_context().get_world_size()
     images = steps * accum * (cfg.train.batch_size // world) * world  # all workers together
+    meter.sync(device)
     return {
-        **_all_reduce(meter, device).compute("train"),
+        **meter.evaluate("train"),
+        **parts.means("train", device),
         "lr": state.optimizer.param_groups[0]["lr"],
         "images_per_s": images / elapsed,
         "data_wait": waited / elapsed,
@@ -249,26 +256,51 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, task, shard, cfg: Config, device) -> dict[str, float]:
+def evaluate(model, task: Task, shard, cfg: Config, device) -> dict[str, float]:
     model.eval()
-    meter = task.metrics()
+    meter = task.evaluator()
     for batch in _batches(shard, cfg, device, train=False):
-        loss, logits = _forward(model, task, batch, cfg, device)
-        meter.update(loss, logits, task.targets(batch))
-    return _all_reduce(meter, device).compute("val")
+        outputs, losses = _forward(model, task, batch, cfg, device)
+        meter.process(batch, outputs, losses)
+    meter.sync(device)
+    return meter.evaluate("val")
 
 
-def _forward(model, task, batch, cfg: Config, device, teacher: Teacher | None = None):
-    inputs = task.inputs(batch)
+def _forward(model, task: Task, batch, cfg: Config, device, teacher: Teacher | None = None):
+    """(raw outputs, named loss parts); with a ``teacher``, its soft targets blend in."""
     if cfg.train.channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     amp = AMP_DTYPES.get(cfg.train.precision)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        outputs = model(inputs)
-        loss, logits = task.loss(outputs, task.targets(batch))
+        outputs = task.forward(model, batch)
+        losses = task.loss(outputs, batch)
         if teacher is not None:
-            loss = teacher.blend(loss, logits, inputs)
-    return loss, logits.float()
+            losses = teacher.blend(task, losses, outputs, batch)
+    return outputs, losses
+
+
+class LossParts:
+    """Each named loss part's mean over an epoch, when there is more than one part (the
+    total is the task evaluator's ``*_loss``)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().item()
+        self.count += 1
+
+    def means(self, prefix: str, device) -> dict[str, float]:
+        if len(self.sums) < 2:
+            return {}
+        sums = torch.tensor([*self.sums.values(), self.count], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+        *values, count = sums.cpu().tolist()
+        return {f"{prefix}_loss/{k}": v / max(count, 1) for k, v in zip(self.sums, values)}
 
 
 def _batches(shard, cfg: Config, device, train: bool):
@@ -281,14 +313,6 @@ def _batches(shard, cfg: Config, device, train: bool):
             device=device,
         )
     )
-
-
-def _all_reduce(meter, device):
-    if dist.is_available() and dist.is_initialized():
-        sums = meter.sums.to(device)
-        dist.all_reduce(sums)
-        meter.sums = sums.cpu()
-    return meter
 
 
 def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> None:

@@ -22,11 +22,14 @@ def training_curves(history: list[dict[str, Any]], out: Path) -> Path:
         ("train_acc", "train top-1"),
         ("val_acc", "val top-1"),
         ("val_acc5", "val top-5"),
+        ("train_miou", "train mIoU"),
+        ("val_miou", "val mIoU"),
+        ("val_pixel_acc", "val pixel accuracy"),
     ):
         if any(key in m for m in history):
             ax_acc.plot(epochs, [m.get(key) for m in history], marker="o", label=label)
     ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    ax_acc.set(title="quality", xlabel="epoch", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

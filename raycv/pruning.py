@@ -48,25 +48,6 @@ class Pruner(Protocol):
 
 PRUNERS: Registry[Pruner] = Registry("pruner")
 
-# Models whose channel-pruned forward runs and still outputs num_classes logits (checked by
-# tests/test_pruning.py). vit_b_16 is left out: torchvision's VisionTransformer reshapes its
-# patches with a fixed ``hidden_dim`` attribute and splits attention heads by the embedding
-# width, so removing embedding channels breaks its forward.
-CHANNEL_PRUNABLE: frozenset[str] = frozenset(
-    {
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "vgg11_bn",
-        "vgg16_bn",
-        "mobilenet_v3_small",
-        "mobilenet_v3_large",
-        "efficientnet_b0",
-        "convnext_tiny",
-        "inception_v3",
-    }
-)
-
 
 @dataclass(frozen=True)
 class Importance:
@@ -116,7 +97,7 @@ class ChannelPruner:
     gets smaller and faster. One step (``raycv compress`` iterates)."""
 
     def supports(self, model_name: str) -> bool:
-        return model_name in CHANNEL_PRUNABLE
+        return MODELS.get(model_name).channel_prunable
 
     def apply(
         self,

@@ -252,7 +252,7 @@ def finish(
         parent=cfg.finetune.source,
     )
     if summary:
-        log.info("\n%s", summary_table(history, best, skipped))
+        log.info("\n%s", summary_table(history, best, skipped, cfg.checkpoint.metric))
     return run
 
 
@@ -278,16 +278,19 @@ def _latest_checkpoint(run: RunFolder) -> str | None:
     return f"checkpoints/{epochs[max(epochs)]}" if epochs else None
 
 
-def summary_table(history: list[dict[str, Any]], best: dict | None, skipped: list[str]) -> str:
+def summary_table(
+    history: list[dict[str, Any]], best: dict | None, skipped: list[str], metric: str
+) -> str:
+    """The run in a few lines; ``metric`` ranks checkpoints (the task's primary by default)."""
     if not history:
         return "no epoch finished"
     last = history[-1]
     rows = [
         ("epochs", f"{last['epoch']}"),
-        ("final val top-1", f"{last.get('val_acc', float('nan')):.4f}"),
+        (f"final {metric}", f"{last.get(metric, float('nan')):.4f}"),
         (
-            "best val top-1",
-            f"{best['val_acc']:.4f} (epoch {best['epoch']})" if best and "val_acc" in best else "-",
+            f"best {metric}",
+            f"{best[metric]:.4f} (epoch {best['epoch']})" if best and metric in best else "-",
         ),
         ("final train loss", f"{last.get('train_loss', float('nan')):.4f}"),
         ("throughput", f"{last.get('images_per_s', 0):.0f} images/s"),

@@ -16,12 +16,13 @@ from raycv import model_stats
 from raycv.artifacts import checkpoint_file, load_trained, read_manifest
 from raycv.cli import main
 from raycv.config import ConfigError, PruneConfig, from_dict
-from raycv.distill import Teacher, soft_target_loss
+from raycv.distill import Teacher
 from raycv.loop import _forward
 from raycv.models import create_model
 from raycv.pruning import prune_model
 from raycv.quantization import load_quantized
-from raycv.tasks import TASKS
+from raycv.tasks import build_task, total
+from raycv.tasks.base import soft_target_loss
 
 # --------------------------------------------------------------------------- no Ray
 
@@ -77,11 +78,12 @@ def test_the_loop_trains_on_the_blended_loss(smoke):
     student, teacher_model = create_model("resnet18", 4, None, 32), create_model("resnet18", 4)
     teacher = Teacher(teacher_model, temperature=4.0, weight=0.7)
     batch = {"image": torch.randn(6, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3, 0, 1])}
-    task = TASKS.get("classification")(4)
-    plain, logits = _forward(student, task, batch, cfg, torch.device("cpu"))
-    blended, _ = _forward(student, task, batch, cfg, torch.device("cpu"), teacher)
+    task = build_task(cfg, ["a", "b", "c", "d"])
+    outputs, parts = _forward(student, task, batch, cfg, torch.device("cpu"))
+    plain = total(parts)
+    blended = total(_forward(student, task, batch, cfg, torch.device("cpu"), teacher)[1])
     with torch.no_grad():
-        soft = soft_target_loss(logits, teacher_model(batch["image"]), 4.0)
+        soft = soft_target_loss(outputs, teacher_model(batch["image"]), 4.0)
     assert blended.item() == pytest.approx(0.3 * plain.item() + 0.7 * soft.item(), rel=1e-5)
     blended.backward()
     assert student.fc.weight.grad is not None

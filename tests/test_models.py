@@ -19,7 +19,8 @@ from raycv.models import (
     create_model,
     replace_heads,
 )
-from raycv.tasks import AUX_LOSS_WEIGHT, Classification
+from raycv.tasks import build_task, total
+from raycv.tasks.classification import AUX_LOSS_WEIGHT
 
 NUM_CLASSES = 5
 # Several seconds each for a forward and backward pass on two shared CPU cores (the VGGs
@@ -33,11 +34,31 @@ SLOW = {
     "vgg11_bn",
     "vgg16_bn",
     "vit_b_16",
+    "deeplabv3_resnet50",
+    "fcn_resnet50",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
 }
 
 
 def by_cost(names) -> list:
     return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
+def task_for(name: str, **train):
+    """The task of ``name``'s registry entry, built from a config of that model."""
+    spec = MODELS.get(name)
+    raw = {"task": spec.task, "model": {"name": name}, "train": {"batch_size": 2, **train}}
+    cfg = from_dict(raw)
+    background = ["background"] if spec.task == "segmentation" else []
+    return build_task(cfg, background + [f"c{i}" for i in range(NUM_CLASSES - len(background))])
+
+
+def random_batch(task_name: str, size: int) -> dict[str, torch.Tensor]:
+    if task_name == "segmentation":
+        mask = torch.randint(0, NUM_CLASSES, (2, size, size), dtype=torch.uint8)
+        return {"image": torch.randn(2, 3, size, size), "mask": mask}
+    return {"image": torch.randn(2, 3, size, size), "label": torch.tensor([0, NUM_CLASSES - 1])}
 
 
 def smallest_size(name: str) -> int:
@@ -64,13 +85,17 @@ def test_forward_backward_gives_every_parameter_a_gradient(name):
     size = smallest_size(name)
     check_input_size(name, size)  # the size the test picks is a valid one
     model = create_model(name, num_classes=NUM_CLASSES, image_size=size).train()
-    images = torch.randn(2, 3, size, size)
-    labels = torch.tensor([0, NUM_CLASSES - 1])
+    task = task_for(name)
+    batch = random_batch(MODELS.get(name).task, size)
 
-    loss, logits = Classification(NUM_CLASSES).loss(model(images), labels)
+    outputs = task.forward(model, batch)
+    loss = total(task.loss(outputs, batch))
     loss.backward()
 
-    assert logits.shape == (2, NUM_CLASSES)
+    logits = task.logits(outputs)
+    assert logits.shape[:2] == (2, NUM_CLASSES)
+    if "mask" in batch:  # segmentation: a score map per pixel
+        assert logits.shape[2:] == batch["image"].shape[2:]
     assert loss.ndim == 0 and torch.isfinite(loss)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params
@@ -81,11 +106,12 @@ def test_forward_backward_gives_every_parameter_a_gradient(name):
     assert sum(p.grad.abs().sum().item() for _, p in params) > 0
     for path in MODELS.get(name).heads:
         try:
-            layer = head(model, path)
+            layer = model.get_submodule(path)
         except AttributeError:  # Inception's auxiliary head, absent below 299 px
             assert name == "inception_v3" and size < INCEPTION_AUX_MIN_SIZE
             continue
-        assert layer.out_features == NUM_CLASSES
+        outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        assert outputs == NUM_CLASSES
 
 
 def test_inception_below_299_has_no_aux_head():
@@ -103,10 +129,11 @@ def test_inception_at_299_trains_with_its_aux_logits():
     outputs = model(torch.randn(2, 3, size, size))
 
     assert outputs.logits.shape == outputs.aux_logits.shape == (2, NUM_CLASSES)
-    loss, logits = Classification(NUM_CLASSES).loss(outputs, labels)
+    task = task_for("inception_v3")
+    loss = total(task.loss(outputs, {"label": labels}))
     main = F.cross_entropy(outputs.logits, labels)
     aux = F.cross_entropy(outputs.aux_logits, labels)
-    assert logits is outputs.logits
+    assert task.logits(outputs) is outputs.logits
     assert not torch.isclose(loss, main)
     torch.testing.assert_close(loss, main + AUX_LOSS_WEIGHT * aux)
 
@@ -122,10 +149,11 @@ def test_inception_at_299_trains_with_its_aux_logits():
 def test_classification_loss_of_plain_logits_is_cross_entropy():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
     labels = torch.tensor([0, 2])
-    loss, out = Classification(3).loss(logits, labels)
-    assert out is logits
+    task = task_for("resnet18")
+    loss = total(task.loss(logits, {"label": labels}))
+    assert task.logits(logits) is logits
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
-    smoothed, _ = Classification(3, label_smoothing=0.1).loss(logits, labels)
+    smoothed = total(task_for("resnet18", label_smoothing=0.1).loss(logits, {"label": labels}))
     torch.testing.assert_close(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.1))
     assert not torch.isclose(smoothed, loss)
 

@@ -55,7 +55,9 @@ class CachedRows:
 
     blocks: list  # ObjectRefs of {"image": uint8 (n, W, W, 3), "label": int64 (n,), ...}
     starts: np.ndarray  # the row number each block starts at
-    labels: np.ndarray  # every row's label, in row order (for stratified draws)
+    labels: np.ndarray  # every row's label, in row order (for stratified draws); all 0
+    # for rows without one (segmentation): a single stratum, so draws are uniform
+    labelled: bool = True
 
     @classmethod
     def of(cls, ds: ray.data.Dataset) -> CachedRows:
@@ -63,7 +65,8 @@ class CachedRows:
         labels = ray.get([_labels.remote(b) for b in blocks])
         sizes = [len(lab) for lab in labels]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return cls(blocks, starts, np.concatenate(labels).astype(np.int64))
+        labelled = "label" in ds.schema().names
+        return cls(blocks, starts, np.concatenate(labels).astype(np.int64), labelled)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -77,7 +80,8 @@ class CachedRows:
         at = [(got[b], r - self.starts[b]) for b, r in zip(which, rows)]
         columns = [c for c in got[needed[0]] if c != "label"]
         picked = {c: np.stack([block[c][i] for block, i in at]) for c in columns}
-        return {**picked, "label": self.labels[rows], "row": rows}
+        labels = {"label": self.labels[rows]} if self.labelled else {}
+        return {**picked, **labels, "row": rows}
 
     def rows_dataset(self, rows: np.ndarray) -> ray.data.Dataset:
         """A fixed selection of rows, read in chunks in the given order."""
@@ -88,7 +92,7 @@ class CachedRows:
 
 @ray.remote(num_cpus=0)
 def _labels(block: dict[str, np.ndarray]) -> np.ndarray:
-    return block["label"]
+    return block["label"] if "label" in block else np.zeros(len(block["image"]), np.int64)
 
 
 @dataclass(frozen=True)
