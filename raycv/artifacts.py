@@ -111,7 +111,9 @@ def load_trained(path: str | Path) -> Trained:
     saved = load_checkpoint(file)
     cfg = from_dict(saved["config"])
     classes = list(saved["class_names"])
-    model = create_model(cfg.model.name, len(classes), None, cfg.model.image_size)
+    model = create_model(
+        cfg.model.name, len(classes), None, cfg.model.image_size, cfg.model.encoder
+    )
     fit_to_state_dict(model, saved["model"])  # a pruned checkpoint has narrower layers
     return Trained(model.eval(), classes, cfg, file, dict(saved.get("metrics") or {}))
 

@@ -122,21 +122,23 @@ def transfer_vs_scratch(
 
 
 def compression_tradeoff(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Left: each variant's accuracy against its latency (the first batch size timed), the
-    original marked; right: params, MACs, file size and latency relative to the original."""
+    """Left: each variant's quality (the task's metric) against its latency (the first
+    batch size timed), the original marked; right: params, MACs, file size and latency
+    relative to the original."""
     batch = next(iter(rows[0]["latency_ms"]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for i, r in enumerate(rows):
-        left.scatter(r["latency_ms"][batch], r["val_acc"], color=f"C{i % 10}", s=40)
+        left.scatter(r["latency_ms"][batch], r["score"], color=f"C{i % 10}", s=40)
         left.annotate(
             f"{i}",
-            (r["latency_ms"][batch], r["val_acc"]),
+            (r["latency_ms"][batch], r["score"]),
             xytext=(4, 4),
             textcoords="offset points",
             fontsize=8,
         )
+    metric = rows[0]["metric"]
     left.set(
-        title=f"accuracy against latency (batch {batch})", xlabel="latency (ms)", ylabel="val acc"
+        title=f"{metric} against latency (batch {batch})", xlabel="latency (ms)", ylabel=metric
     )
     left.grid(alpha=0.3)
     quantities = {"params": "params", "MACs": "macs", "file": "file_bytes"}

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
@@ -63,7 +62,9 @@ IMPORTANCES.add("l2", Importance(functools.partial(tp.importance.MagnitudeImport
 # First-order Taylor: |weight x d loss / d weight| summed per channel, the loss change that
 # removing the channel would cause (Molchanov et al. 2019).
 IMPORTANCES.add("taylor", Importance(tp.importance.TaylorImportance, needs_gradients=True))
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images, labels)
+# One function per training batch: given the model, that batch's loss summed over its
+# images (the task's loss, so classifiers and segmenters rank channels alike).
+Batches = Iterable[Callable[[nn.Module], torch.Tensor]]
 
 
 class _RoundedPruner(tp.pruner.BasePruner):
@@ -139,14 +140,14 @@ class ChannelPruner:
 
 
 def _accumulate_gradients(model: nn.Module, batches: Batches) -> None:
-    """The summed cross-entropy gradients of ``batches``, left in each parameter's ``grad``
-    for the importance to read; eval mode, so BatchNorm statistics stay as trained."""
+    """The summed loss gradients of ``batches``, left in each parameter's ``grad`` for the
+    importance to read; eval mode, so BatchNorm statistics stay as trained."""
     model.eval()
     model.zero_grad(set_to_none=True)
     seen = 0
-    for images, labels in batches:
-        F.cross_entropy(model(images), labels, reduction="sum").backward()
-        seen += len(labels)
+    for summed_loss in batches:
+        summed_loss(model).backward()
+        seen += 1
     if seen == 0:
         raise ValueError("Taylor importance needs labelled training batches; none were given")
 
@@ -235,8 +236,9 @@ def protected_layers(model: nn.Module, model_name: str) -> list[nn.Module]:
 def prune_model(
     model: nn.Module, model_name: str, cfg: PruneConfig, image_size: int, batches: Batches = ()
 ) -> nn.Module:
-    """Prune ``model`` as ``cfg`` says; ratio 0 returns it untouched. ``batches`` (images,
-    labels) are needed by importances that rank with gradients (taylor)."""
+    """Prune ``model`` as ``cfg`` says; ratio 0 returns it untouched. ``batches`` (their
+    losses as functions of the model) are needed by importances that rank with gradients
+    (taylor)."""
     if cfg.ratio == 0:
         return model
     check_prunable(model_name, cfg.method)

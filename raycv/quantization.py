@@ -99,14 +99,16 @@ def quantize(
 
 def quantize_aware(
     model: nn.Module,
-    batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    batches: Callable[[], Iterable[dict[str, torch.Tensor]]],
+    loss_of: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
     image_size: int,
     epochs: int,
     lr: float,
     method: str = "int8",
 ) -> torch.fx.GraphModule:
     """``model`` fine-tuned with int8 fake quantization in the forward pass (QAT) for
-    ``epochs`` passes over ``batches()`` ((images, labels), training-augmented), then
+    ``epochs`` passes over ``batches()`` (training-augmented batches, their loss the task's
+    ``loss_of(model, batch)``), then
     converted like ``quantize``'s result; ``model`` itself is left unchanged.
 
     Runs in this process: PT2E's prepared graph is a training export of the whole model,
@@ -118,8 +120,8 @@ def quantize_aware(
     prepared = prepare_qat_pt2e(graph.module(), quantizer)
     optimizer = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
     for _ in range(epochs):
-        for images, labels in batches():
-            loss = torch.nn.functional.cross_entropy(prepared(images), labels)
+        for batch in batches():
+            loss = loss_of(prepared, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

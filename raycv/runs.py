@@ -369,7 +369,9 @@ def write_manifest(
         "parent": parent,
         "code_version": code_version(),
         "experiment": cfg.experiment,
+        "task": cfg.task,
         "model": cfg.model.name,
+        "metric": cfg.checkpoint.metric,  # what "best" means in this folder
         **({"uri": run.uri} if run.uri else {}),
         **(extra or {}),
     }

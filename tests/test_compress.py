@@ -27,9 +27,14 @@ from raycv.tasks.base import soft_target_loss
 # --------------------------------------------------------------------------- no Ray
 
 
-def _labelled_batches(n: int = 2, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _labelled_batches(n: int = 2, size: int = 32) -> list:
+    """Taylor's input: each batch's summed cross-entropy as a function of the model."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(8, 3, size, size, generator=g), torch.arange(8) % 4) for _ in range(n)]
+    batches = [(torch.randn(8, 3, size, size, generator=g), torch.arange(8) % 4) for _ in range(n)]
+    return [
+        lambda model, x=x, y=y: torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+        for x, y in batches
+    ]
 
 
 def _kept_channels(model: torch.nn.Module) -> list[int]:
@@ -138,7 +143,12 @@ def test_every_step_left_a_row_in_order(compressed):
     assert [r["epochs"] for r in rows] == [0, 1, 1, 2, 2, 3, 3, 4]
     for r in rows:
         assert set(r["latency_ms"]) == {"1", "4"} and all(v > 0 for v in r["latency_ms"].values())
-        assert 0 <= r["val_acc"] <= 1 and r["threads"] == 1 and r["runtime"] == "eager"
+        assert (
+            r["metric"] == "val_acc"
+            and 0 <= r["score"] <= 1
+            and r["threads"] == 1
+            and r["runtime"] == "eager"
+        )
     csv = (compressed / "compression.csv").read_text().splitlines()
     assert len(csv) == 1 + len(rows) and "latency_ms_b4" in csv[0]
     assert (compressed / "plots" / "compression.png").read_bytes()[:4] == b"\x89PNG"
@@ -182,10 +192,11 @@ def test_final_model_reloads_with_the_measured_accuracy(compressed, ray_local):
     final = load_trained(compressed)
     assert final.config.model.name == "mobilenet_v3_small"
     rows = manifest["compression"]
-    assert manifest["metrics"]["best"]["val_acc"] == rows[5]["val_acc"]
+    assert manifest["metrics"]["best"]["val_acc"] == rows[5]["score"]
     streams = build_streams(final.config)
-    measurer = Measurer(streams.val, 32, LatencyConfig(), 32, compressed)
-    assert measurer.accuracy(final.model) == pytest.approx(rows[5]["val_acc"])
+    task = build_task(final.config, final.class_names)
+    measurer = Measurer(streams.val, task, 32, LatencyConfig(), 32, compressed)
+    assert measurer.score(final.model) == pytest.approx(rows[5]["score"])
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(final.model(x), load_trained(compressed).model(x))
@@ -213,7 +224,7 @@ def _check_int8_archive(path, manifest):
     with zipfile.ZipFile(path) as archive:
         weights = sum(i.file_size for i in archive.infolist() if "/data/weights/" in i.filename)
     assert weights < 0.4 * fp32_bytes
-    assert np.isclose(manifest["quantized"]["val_acc"], manifest["compression"][-1]["val_acc"])
+    assert np.isclose(manifest["quantized"]["val_acc"], manifest["compression"][-1]["score"])
 
 
 def test_nothing_to_do_and_bad_prune_spec_fail_in_one_line(artifact, capsys):

@@ -136,7 +136,7 @@ def test_compress_stage_pruned_the_fine_tuned_model(pipeline):
     assert after["macs"] < 0.5 * before["macs"]
     rows = read_manifest(path / "compress")["compression"]
     assert [r["method"] for r in rows] == ["original", "prune", "prune", "quantize"]
-    assert rows[0]["params"] == before["params"] and rows[2]["val_acc"] == after["val_acc"]
+    assert rows[0]["params"] == before["params"] and rows[2]["score"] == after["val_acc"]
     assert (path / "compress" / rows[3]["file"]).suffix == ".pt2"
     best_trial = read_manifest(path / "tune")["best_trial"]
     assert checkpoint_file(path / "tune") == path / "tune" / "trials" / best_trial / "best" / (

@@ -286,3 +286,24 @@ def test_as_metrics_reports_the_flat_keys():
     assert list(metrics) == ["params", "nonzero_params", "macs", "latency_ms", "latency_threads"]
     assert metrics["params"] == stats.params and metrics["latency_threads"] == 1
     assert stats.latency_ms > 0 and stats.nonzero_params <= stats.params
+
+
+SEGMENTERS = [
+    "unet",
+    "lraspp_mobilenet_v3_large",
+    pytest.param("deeplabv3_mobilenet_v3_large", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name", SEGMENTERS)
+def test_segmentation_models_prune_keeping_their_heads(name, tmp_path):
+    """Channel pruning shrinks a segmenter's encoder and decoder; the heads keep one output
+    map per class at the input's size, and the pruned shapes reload."""
+    size = 64
+    base, model = build(name, size), pruned(name, size, ratio=0.3)
+    assert model_stats.count_macs(model, size) < 0.75 * model_stats.count_macs(base, size)
+    out = logits(model, size)
+    out = out["out"] if isinstance(out, dict) else out
+    assert out.shape == (2, NUM_CLASSES, size, size)
+    again = logits(reload(model, name, size, tmp_path), size)
+    assert torch.equal(again["out"] if isinstance(again, dict) else again, out)

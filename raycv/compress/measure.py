@@ -1,6 +1,7 @@
 """What each compressed variant costs and how well it does, measured the same way for all:
 parameters, MACs, file size, CPU latency per batch size (median after warm-up, with the
-configured threads and runtime) and top-1 accuracy on the validation split."""
+configured threads and runtime) and the task's primary metric on the validation split
+(top-1 accuracy, mIoU)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from raycv import model_stats
 from raycv.config import LatencyConfig
-from raycv.evaluate import predictions
+from raycv.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ class Row:
     file: str  # the saved model, relative to the compress run folder
     file_bytes: int  # its weights saved alone (fp32 state dict), or the int8 archive
     latency_ms: dict[str, float]  # batch size (as text: JSON keys) -> median ms
-    val_acc: float
+    metric: str  # the task's primary metric, e.g. val_acc, val_miou
+    score: float  # its value on the validation split
     threads: int
     runtime: str
     epochs: int = 0  # fine-tuning epochs this row's model has had in this run
@@ -63,12 +65,14 @@ class Measurer:
     def __init__(
         self,
         val: ray.data.Dataset,
+        task: Task,
         image_size: int,
         latency: LatencyConfig,
         batch_size: int,
         run_dir: Path,
     ) -> None:
         self.val = val.materialize()  # prepared once, read by every variant
+        self.task = task
         self.image_size = image_size
         self.latency = latency
         self.batch_size = batch_size
@@ -103,19 +107,36 @@ class Measurer:
                 )
                 for b in lat.batch_sizes
             },
-            val_acc=self.accuracy(model),
+            metric=self.task.primary.name,
+            score=self.score(model),
             threads=lat.threads,
             runtime=lat.runtime,
             epochs=epochs,
         )
         log.info(
-            "%s: val acc %.4f, latency %s ms", variant, row.val_acc, _fmt_latency(row.latency_ms)
+            "%s: %s %.4f, latency %s ms",
+            variant,
+            row.metric,
+            row.score,
+            _fmt_latency(row.latency_ms),
         )
         return row
 
-    def accuracy(self, model: nn.Module) -> float:
-        preds = predictions(model, self.val, self.batch_size)
-        return float(np.mean(preds.predicted == preds.labels)) if len(preds.labels) else 0.0
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> float:
+        """The task's primary metric of ``model`` on the validation split, in one process."""
+        model.eval()
+        meter = self.task.evaluator()
+        for b in self.val.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
+            batch = tensors(b)
+            outputs = self.task.forward(model, batch)
+            meter.process(batch, outputs, self.task.loss(outputs, batch))
+        return meter.evaluate("val")[self.task.primary.name]
+
+
+def tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A Ray Data NumPy batch as the tensors a task reads (numeric columns only)."""
+    return {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype.kind in "biuf"}
 
 
 def _state_dict_bytes(model: nn.Module) -> int:

@@ -37,7 +37,7 @@ from raycv.artifacts import (
     load_trained,
     read_manifest,
 )
-from raycv.compress.measure import Measurer, Row, costs_of
+from raycv.compress.measure import Measurer, Row, costs_of, tensors
 from raycv.compress.table import write_outputs
 from raycv.config import (
     Config,
@@ -54,6 +54,7 @@ from raycv.pruning import IMPORTANCES, prune_model
 from raycv.registry import Registry
 from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.sweep.space import apply_sample
+from raycv.tasks import Task, build_task, total
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,17 @@ class Compression:
     run: RunFolder
     class_names: list[str]
     streams: Streams
+    task: Task
     measurer: Measurer
     current: Current
     local: bool
     rows: list[Row] = field(default_factory=list)
     histories: list[Path] = field(default_factory=list)  # fine-tuning runs, in order
     quantized: Path | None = None
+
+    def task_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's training loss of ``model`` on ``batch`` (Taylor importance, QAT)."""
+        return total(self.task.loss(self.task.forward(model, batch), batch))
 
 
 @dataclass(frozen=True)
@@ -143,11 +149,17 @@ def _run_folder(cfg: Config, at: Path | None) -> RunFolder:
 
 
 def _start(cfg: Config, run: RunFolder, original: Trained, streams: Streams, local: bool):
+    task = build_task(cfg, original.class_names)
     measurer = Measurer(
-        streams.val, cfg.model.image_size, cfg.compress.latency, cfg.train.batch_size, run.path
+        streams.val,
+        task,
+        cfg.model.image_size,
+        cfg.compress.latency,
+        cfg.train.batch_size,
+        run.path,
     )
     current = Current(original.model, original.checkpoint, original.config)
-    job = Compression(cfg, run, original.class_names, streams, measurer, current, local)
+    job = Compression(cfg, run, original.class_names, streams, task, measurer, current, local)
     job.rows.append(measurer.row("original", "original", original.model, original.checkpoint))
     return job
 
@@ -189,13 +201,19 @@ def _quantize(job: Compression) -> None:
     from raycv.quantization import quantize, quantize_aware
 
     c, size = job.cfg.compress, job.cfg.model.image_size
-    images = [images for images, _ in _training_batches(job)]
+    images = [batch["image"] for batch in _training_batches(job)]
     label = f"{c.quantize} post-training ({sum(map(len, images))} calibration images)"
     _save_quantized(job, quantize(job.current.model, images, size, c.quantize), label, "")
     if c.qat_epochs:
         lr = 0.1 * (c.lr or job.cfg.optimizer.lr)  # a nudge: the weights are trained already
         graph = quantize_aware(
-            job.current.model, lambda: _augmented_batches(job), size, c.qat_epochs, lr, c.quantize
+            job.current.model,
+            lambda: _augmented_batches(job),
+            job.task_loss,
+            size,
+            c.qat_epochs,
+            lr,
+            c.quantize,
         )
         label = f"{c.quantize} quantization-aware, {_epochs(c.qat_epochs)}"
         _save_quantized(job, graph, label, "-qat", c.qat_epochs)
@@ -279,7 +297,7 @@ def _pruned_checkpoint(job: Compression, step: int) -> Path:
     step_cfg = PruneConfig(**{**c.prune.model_dump(), "ratio": share})
     model = copy.deepcopy(job.current.model)
     needs_data = IMPORTANCES.get(step_cfg.importance).needs_gradients
-    batches = _training_batches(job) if needs_data else ()
+    batches = [_summed(job, b) for b in _training_batches(job)] if needs_data else ()
     cfg = job.current.config
     prune_model(model, cfg.model.name, step_cfg, cfg.model.image_size, batches)
     saved = {
@@ -305,19 +323,23 @@ def _augmented_batches(job: Compression):
     for b in job.streams.train.iter_batches(
         batch_size=job.cfg.train.batch_size, batch_format="numpy", drop_last=True
     ):
-        yield torch.from_numpy(b["image"]), torch.from_numpy(b["label"]).long()
+        yield tensors(b)
 
 
-def _training_batches(job: Compression) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _training_batches(job: Compression) -> list[dict[str, torch.Tensor]]:
     """``compress.calibration_images`` training images drawn at random and stratified by
     class (a class-sorted folder's first images would all be one class), prepared as for
     evaluation."""
     n = job.cfg.compress.calibration_images
     stream = job.streams.train_sample(n, job.cfg.seed)
     return [
-        (torch.from_numpy(b["image"]), torch.from_numpy(b["label"]).long())
-        for b in stream.iter_batches(batch_size=CALIBRATION_BATCH, batch_format="numpy")
+        tensors(b) for b in stream.iter_batches(batch_size=CALIBRATION_BATCH, batch_format="numpy")
     ]
+
+
+def _summed(job: Compression, batch: dict[str, torch.Tensor]):
+    """``batch``'s task loss summed over its images, as a function of the model (Taylor)."""
+    return lambda model: job.task_loss(model, batch) * len(batch["image"])
 
 
 def _epochs(n: int) -> str:

@@ -64,7 +64,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return (
         f"{table}\n\nLatency: median of repeated runs after warm-up on the CPU, "
         f"{first['threads']} thread(s), {first['runtime']} runtime; speed-up against the "
-        "original at the same batch size. Accuracy: top-1 on the validation split. File: the "
+        "original at the same batch size. Quality: the task's metric on the validation split "
+        f"({first['metric']}). File: the "
         "saved model (fp32 raycv checkpoint, or the int8 .pt2 archive)."
     )
 
@@ -81,7 +82,7 @@ def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     batches = list(base["latency_ms"])
     header = ["variant", "params", "MACs", "file"]
     header += [f"latency b{b}" for b in batches] + [f"speed-up b{b}" for b in batches]
-    header += ["val acc", "vs original"]
+    header += [base["metric"].replace("_", " "), "vs original"]
     body = []
     for r in rows:
         lat = [r["latency_ms"].get(b) for b in batches]
@@ -93,8 +94,8 @@ def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
                 fmt_size(r["file_bytes"]),
                 *[DASH if missing(v) else f"{v:.2f} ms" for v in lat],
                 *[fmt_ratio(base["latency_ms"][b], r["latency_ms"].get(b)) for b in batches],
-                fmt_pct(r["val_acc"]),
-                f"{100 * (r['val_acc'] - base['val_acc']):+.1f} pts",
+                fmt_pct(r["score"]),
+                f"{100 * (r['score'] - base['score']):+.1f} pts",
             ]
         )
     return header, body
@@ -128,7 +129,7 @@ def _as_metrics(row: dict[str, Any]) -> dict[str, Any]:
     """The keys every stage's manifest reports (the pipeline's stage table reads them)."""
     first = next(iter(row["latency_ms"].values()))
     return {
-        "val_acc": row["val_acc"],
+        row["metric"]: row["score"],
         "params": row["params"],
         "nonzero_params": row["nonzero_params"],
         "macs": row["macs"],

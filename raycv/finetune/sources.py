@@ -35,7 +35,7 @@ _SHOWN = 5  # layer names quoted in an error
 class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    image_size: int  # the crop the model sees
+    image_size: int | None  # the crop the model sees (None: segmentation presets have none)
     resize: int | None  # the side images are resized to before that crop
 
 
@@ -132,8 +132,12 @@ def _torchvision(name: str, model_name: str) -> Source:
         state_dict=_cached_download(weights.url),
         model_name=model_name,
         class_names=list(weights.meta.get("categories") or []) or None,
+        # Segmentation presets resize only (to 520 px): the config's own size stays.
         preprocessing=Preprocessing(
-            tuple(preset.mean), tuple(preset.std), preset.crop_size[0], preset.resize_size[0]
+            tuple(preset.mean),
+            tuple(preset.std),
+            preset.crop_size[0] if hasattr(preset, "crop_size") else None,
+            preset.resize_size[0] if hasattr(preset, "crop_size") else None,
         ),
     )
 
@@ -186,6 +190,41 @@ def transplant(model: nn.Module, model_name: str, num_classes: int, state_dict: 
     replace_heads(model, spec, num_classes, fresh=True)
 
 
+def is_backbone_transfer(source: Source, cfg: Config) -> bool:
+    """A classifier's weights going into a model of another task (a segmenter's encoder)."""
+    known = source.model_name in MODELS
+    return known and MODELS.get(source.model_name).task != MODELS.get(cfg.model.name).task
+
+
+def transplant_backbone(model: nn.Module, cfg: Config, source: Source) -> None:
+    """Fill ``model``'s backbone (its registry entry's ``backbone``) from a classifier's
+    weights; the decoder and heads stay as built. Raises ConfigError in one line when the
+    classifier is not the backbone's architecture or leaves part of it unfilled."""
+    spec = MODELS.get(cfg.model.name)
+    wanted = spec.backbone and (spec.backbone.model or cfg.model.encoder or spec.encoder)
+    if not wanted or source.model_name != wanted:
+        fix = f"train a {wanted} classifier first" if wanted else "it has no backbone to fill"
+        raise ConfigError(
+            f"finetune.source is a {source.model_name} classifier; {cfg.model.name}'s backbone "
+            f"is {wanted or 'not a classifier'}: {fix}"
+        )
+    b, own = spec.backbone, model.state_dict()
+    moved = {
+        b.target_prefix + k.removeprefix(b.source_prefix): v
+        for k, v in source.state_dict.items()
+        if k.startswith(b.source_prefix)
+    }
+    moved = {k: v for k, v in moved.items() if k in own}  # the classifier's head, unused stages
+    unfilled = [k for k in own if k.startswith(b.target_prefix) and k not in moved]
+    if unfilled:
+        raise ConfigError(
+            f"finetune.source does not fill {cfg.model.name}'s backbone: it lacks "
+            f"{_listed(unfilled)}"
+        )
+    fit_to_state_dict(model, {**own, **moved})  # a channel-pruned source keeps its widths
+    log.info("backbone of %s filled from %s (%d tensors)", cfg.model.name, source.ref, len(moved))
+
+
 def _grows(source: torch.Size, target: torch.Size) -> bool:
     return len(source) != len(target) or any(s > t for s, t in zip(source, target))
 
@@ -198,7 +237,10 @@ def _listed(names: list[str]) -> str:
 def load_source_weights(model: nn.Module, cfg: Config, num_classes: int) -> None:
     """On a worker: fill ``model`` from ``cfg.finetune.source`` (already resolved)."""
     source = resolve_source(cfg.finetune.source, cfg.model.name)
-    transplant(model, cfg.model.name, num_classes, source.state_dict)
+    if is_backbone_transfer(source, cfg):
+        transplant_backbone(model, cfg, source)
+    else:
+        transplant(model, cfg.model.name, num_classes, source.state_dict)
 
 
 def apply_source(cfg: Config) -> Config:
@@ -211,6 +253,8 @@ def apply_source(cfg: Config) -> Config:
     source = resolve_source(cfg.finetune.source, cfg.model.name)
     raw = cfg.model_dump(mode="json")
     raw["finetune"]["source"] = source.ref
+    if is_backbone_transfer(source, cfg):
+        return _backbone_source(cfg, source, raw)
     if source.model_name and source.model_name != cfg.model.name:
         if "name" in cfg.model.model_fields_set:
             raise ConfigError(
@@ -229,7 +273,22 @@ def apply_source(cfg: Config) -> Config:
             if value is not None and key not in getattr(cfg, section).model_fields_set:
                 raw[section][key] = value
     resolved = validate(raw)
-    probe = create_model(resolved.model.name, 2, None, resolved.model.image_size)
+    m = resolved.model
+    probe = create_model(m.name, 2, None, m.image_size, m.encoder)
     transplant(probe, resolved.model.name, 2, source.state_dict)
     log.info("fine-tuning from %s", source.ref)
+    return resolved
+
+
+def _backbone_source(cfg: Config, source: Source, raw: dict[str, Any]) -> Config:
+    """A classifier into a segmenter: its normalisation where the config sets none (its
+    input size suits classification, not this task), and a probe that the weights fit."""
+    pre = source.preprocessing
+    for key, value in (("mean", pre and pre.mean), ("std", pre and pre.std)):
+        if value is not None and key not in cfg.augment.model_fields_set:
+            raw["augment"][key] = list(value)
+    resolved = validate(raw)
+    m = resolved.model
+    transplant_backbone(create_model(m.name, 2, None, m.image_size, m.encoder), resolved, source)
+    log.info("fine-tuning %s's backbone from %s", m.name, source.ref)
     return resolved

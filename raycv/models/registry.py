@@ -15,6 +15,16 @@ from raycv.registry import Registry
 
 
 @dataclass(frozen=True)
+class Backbone:
+    """Where a classifier's weights go in this model: fine-tuning it from a raycv
+    classification run moves the keys under ``source_prefix`` to ``target_prefix``."""
+
+    model: str | None  # the registered classifier it takes; None: the one named model.encoder
+    source_prefix: str = ""  # "features." for MobileNet, whose classifier is a sibling
+    target_prefix: str = "encoder."
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """What raycv needs to know about one model builder."""
 
@@ -34,6 +44,7 @@ class ModelSpec:
     # Fix-ups after loading pretrained weights, given the input size.
     adapt: Callable[[nn.Module, int | None], None] | None = None
     build: Callable[..., nn.Module] | None = None  # default: torchvision.models.get_model
+    backbone: Backbone | None = None  # segmenters: what a classification run fills
 
     @property
     def torchvision(self) -> bool:

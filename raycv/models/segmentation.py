@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raycv.models.registry import MODELS, ModelSpec
+from raycv.models.registry import MODELS, Backbone, ModelSpec
 
 # torchvision's references/segmentation weigh the auxiliary FCN head's loss by 0.5.
 TORCHVISION_AUX_WEIGHT = 0.5
@@ -66,12 +66,18 @@ for _name, _arch, _stride, _min_batch in (
             min_batch=_min_batch,
             encoder="resnet18",
             build=smp_model,
-            channel_prunable=False,
+            backbone=Backbone(None),
         ),
     )
 
 _WITH_AUX = {"aux_loss": True, "weights_backbone": None}
-for _name, _min_batch in (("deeplabv3_resnet50", 2), ("deeplabv3_mobilenet_v3_large", 2)):
+_RESNET50 = Backbone("resnet50", "", "backbone.")
+# torchvision's MobileNet classifier keeps its trunk under features., the segmenter under backbone.
+_MOBILENET = Backbone("mobilenet_v3_large", "features.", "backbone.")
+for _name, _min_batch, _backbone in (
+    ("deeplabv3_resnet50", 2, _RESNET50),
+    ("deeplabv3_mobilenet_v3_large", 2, _MOBILENET),
+):
     MODELS.add(
         _name,
         ModelSpec(
@@ -81,7 +87,7 @@ for _name, _min_batch in (("deeplabv3_resnet50", 2), ("deeplabv3_mobilenet_v3_la
             kwargs=_WITH_AUX,
             aux_weight=TORCHVISION_AUX_WEIGHT,
             min_batch=_min_batch,
-            channel_prunable=False,
+            backbone=_backbone,
         ),
     )
 MODELS.add(
@@ -92,7 +98,7 @@ MODELS.add(
         task="segmentation",
         kwargs=_WITH_AUX,
         aux_weight=TORCHVISION_AUX_WEIGHT,
-        channel_prunable=False,
+        backbone=_RESNET50,
     ),
 )
 MODELS.add(
@@ -102,6 +108,6 @@ MODELS.add(
         heads=("classifier.low_classifier", "classifier.high_classifier"),
         task="segmentation",
         kwargs={"weights_backbone": None},
-        channel_prunable=False,
+        backbone=_MOBILENET,
     ),
 )

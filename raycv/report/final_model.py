@@ -18,11 +18,11 @@ def final_model(pipeline: PipelineFolder) -> str:
     if not final:
         return f"{heading}\n\nThe pipeline has not trained its final model yet."
     stage = pipeline.stages.get(final)
-    trained_acc = fmt_pct(stage.best.get("val_acc") if stage else None)
+    trained = fmt_pct(stage.best.get(pipeline.metric) if stage else None)
     parts = [
         heading,
-        f"The final model is the best checkpoint of {md.code(f'{final}/')}: best val acc "
-        f"{trained_acc} during training.",
+        f"The final model is the best checkpoint of {md.code(f'{final}/')}: best "
+        f"{pipeline.metric_name} {trained} during training.",
     ]
     ev = pipeline.evaluation
     if ev is None:

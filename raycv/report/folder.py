@@ -103,6 +103,16 @@ class PipelineFolder:
         self.stages = read_stages(self.path, self.manifest)
 
     @property
+    def metric(self) -> str:
+        """The metric that ranks models (val_acc, val_miou): the pipeline's own."""
+        return self.manifest.get("metric") or "val_acc"  # folders written before it was kept
+
+    @property
+    def metric_name(self) -> str:
+        """``metric`` in words for headings: "val acc", "val miou"."""
+        return self.metric.replace("_", " ").replace("miou", "mIoU")
+
+    @property
     def images_dir(self) -> Path:
         return self.path / IMAGES_DIR
 

@@ -49,13 +49,14 @@ def header(pipeline: PipelineFolder) -> str:
 
 
 def stages_table(pipeline: PipelineFolder) -> str:
-    header = ["Stage", "Status", "Time", "Best val acc", "Params", "MACs", "Latency", "Folder"]
+    best = f"Best {pipeline.metric_name}"
+    header = ["Stage", "Status", "Time", best, "Params", "MACs", "Latency", "Folder"]
     rows = [_stage_row(pipeline, stage) for stage in pipeline.stages.values()]
     return "\n\n".join(
         [
             "## Stages",
             md.table(header, rows, right={2, 3, 4, 5, 6}),
-            "Best val acc: the best epoch's top-1 accuracy on the validation split (for the "
+            f"{best}: the best epoch's {pipeline.metric} on the validation split (for the "
             "sweep: its best trial's). MACs: multiply-accumulates for one image. Latency: "
             "CPU, batch 1.",
         ]
@@ -73,7 +74,7 @@ def _stage_row(pipeline: PipelineFolder, stage: Stage) -> list[str]:
     return [
         *named,
         fmt_duration(stage.elapsed_s),
-        fmt_pct(best.get("val_acc")),
+        fmt_pct(best.get(pipeline.metric)),
         params,
         fmt_count(best.get("macs")),
         fmt_ms(best.get("latency_ms")),

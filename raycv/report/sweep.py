@@ -24,7 +24,7 @@ def sweep(pipeline: PipelineFolder) -> str:
         return "## Sweep\n\n" + pipeline.not_run("tune", "No sweep")
     settings = tune.config().get("tune") or {}
     objective = settings.get("objective") or {}
-    metric = objective.get("metric", "val_acc")
+    metric = objective.get("metric") or pipeline.metric
     space = list(settings.get("space") or {})
     parts = [
         "## Sweep",

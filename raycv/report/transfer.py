@@ -21,7 +21,7 @@ def transfer(pipeline: PipelineFolder) -> str:
     parts = [
         heading,
         _runs_table(pipeline, runs),
-        _comparison(finetune, scratch)
+        _comparison(finetune, scratch, pipeline.metric)
         if scratch.ran
         else pipeline.not_run("scratch", "No baseline trained from scratch"),
         _pretrain_note(pipeline),
@@ -29,9 +29,10 @@ def transfer(pipeline: PipelineFolder) -> str:
     histories = {name: stage.history() for name, stage in runs.items()}
     if any(histories.values()):
         drawn = plots.transfer_vs_scratch(
-            histories, pipeline.images_dir / "transfer_vs_scratch.png"
+            histories, pipeline.images_dir / "transfer_vs_scratch.png", pipeline.metric
         )
-        parts.append(pipeline.figure("transfer_vs_scratch", drawn, "validation top-1 per epoch"))
+        caption = f"{pipeline.metric_name} per epoch"
+        parts.append(pipeline.figure("transfer_vs_scratch", drawn, caption))
     return "\n\n".join(parts)
 
 
@@ -45,11 +46,12 @@ def _runs_table(pipeline: PipelineFolder, runs: dict[str, Stage]) -> str:
                 md.code(name),
                 _starts_from(pipeline, name),
                 str(stage.epochs() or DASH),
-                fmt_pct(best.get("val_acc")) + at_epoch,
-                fmt_pct(stage.final.get("val_acc")),
+                fmt_pct(best.get(pipeline.metric)) + at_epoch,
+                fmt_pct(stage.final.get(pipeline.metric)),
             ]
         )
-    header = ["Run", "Starts from", "Epochs", "Best val acc", "Final val acc"]
+    name = pipeline.metric_name
+    header = ["Run", "Starts from", "Epochs", f"Best {name}", f"Final {name}"]
     return md.table(header, rows, right={2, 3, 4})
 
 
@@ -63,10 +65,10 @@ def _starts_from(pipeline: PipelineFolder, name: str) -> str:
     return md.code(source) if source else "random initialisation (no pretrained source)"
 
 
-def _comparison(finetune: Stage, scratch: Stage) -> str:
-    tuned, base = finetune.best.get("val_acc"), scratch.best.get("val_acc")
+def _comparison(finetune: Stage, scratch: Stage, metric: str) -> str:
+    tuned, base = finetune.best.get(metric), scratch.best.get(metric)
     if missing(tuned) or missing(base):
-        return "One of the two runs has no validation accuracy to compare."
+        return f"One of the two runs has no {metric} to compare."
     diff = tuned - base
     epochs = (finetune.epochs(), scratch.epochs())
     budget = (
@@ -77,10 +79,10 @@ def _comparison(finetune: Stage, scratch: Stage) -> str:
     )
     text = (
         f"Starting from pretrained weights {'helped' if diff > 0 else 'did not help'}: best "
-        f"val acc **{fmt_points(diff)}** over training from scratch ({fmt_pct(tuned)} against "
+        f"{metric} **{fmt_points(diff)}** over training from scratch ({fmt_pct(tuned)} against "
         f"{fmt_pct(base)}), {budget}."
     )
-    last_tuned, last_base = finetune.final.get("val_acc"), scratch.final.get("val_acc")
+    last_tuned, last_base = finetune.final.get(metric), scratch.final.get(metric)
     if not missing(last_tuned) and not missing(last_base):
         text += (
             f" At the last epoch: {fmt_points(last_tuned - last_base)} "
@@ -102,7 +104,7 @@ def _pretrain_note(pipeline: PipelineFolder) -> str:
     return (
         f"The pretrained weights come from the {md.code('pretrain/')} stage: "
         f"{md.text(model)} trained for {epochs or DASH} epochs on {md.text(_data(cfg))}, "
-        f"best val acc {fmt_pct(pretrain.best.get('val_acc'))}."
+        f"best {pipeline.metric_name} {fmt_pct(pretrain.best.get(pipeline.metric))}."
     )
 
 
