@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 from raycv.config import ConfigError, from_dict
-from raycv.finetune.sources import apply_source, load_source_weights
+from raycv.finetune.sources import apply_source
 from raycv.loop import build_model
 
 SEG_CLASSES = 3

@@ -7,6 +7,11 @@ optional ``"aspect"`` column (float (N,), width / height) says that each image i
 photo squeezed into the square (data/images.py ``decode_whole``): crops, rotation and the
 centre crop are then drawn in the photo's own proportions, as if on the file itself.
 
+Segmentation batches also hold ``"mask"``: uint8 (N, H, W) class ids, ``ignore_index`` (255 by
+default) where a pixel has no label.  It comes out as uint8 (N, S, S), moved by exactly the
+geometry of its own image (nearest-neighbour, so ids are never blended); pixels a rotation
+brings in from outside the image get ``ignore_index``; colour jitter leaves it alone.
+
 Presets (registered in ``AUGMENTATIONS``):
 
 * ``classic``: the default train preset.  Flip x rotation x random-resized-crop fused into one
@@ -14,11 +19,13 @@ Presets (registered in ``AUGMENTATIONS``):
   jitter as per-image factors, vectorised.  Each image gets its own random draw.
 * ``classic_v2``: the same recipe with ``torchvision.transforms.v2``, called once per image.
   The reference implementation (and the benchmark baseline); about 3x slower.
-* ``eval``: deterministic resize + centre crop, applied to the whole batch at once.
+* ``eval``: deterministic resize + centre crop, applied to the whole batch at once; with
+  ``whole_frame=True`` the whole image resized to S x S instead (segmentation scores every pixel).
 
-Each preset also exposes ``transform(images, rng, aspect)`` on a uint8 NCHW tensor; for ``classic``
-and ``eval`` it runs on whatever device the tensor lives on, so the same code can augment on a
-GPU.  ``__call__`` feeds it cache-sized chunks of the batch (``CHUNK_PIXELS``).
+Each preset also exposes ``transform(images, rng, aspect)`` on a uint8 NCHW tensor, and
+``transform_pair(images, masks, rng, aspect)`` for images with their masks; for ``classic`` and
+``eval`` they run on whatever device the tensors live on, so the same code can augment on a
+GPU.  ``__call__`` feeds them cache-sized chunks of the batch (``CHUNK_PIXELS``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from raycv.config import AugmentConfig
@@ -45,11 +53,35 @@ CHUNK_PIXELS = 8 * 224 * 224
 
 
 class Preset:
-    """A picklable batch transform: numpy batch in, numpy batch out, extra keys untouched."""
+    """A picklable batch transform: numpy batch in, numpy batch out, extra keys untouched.
 
-    def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
+    ``ignore_index``: the mask value of unlabelled pixels, given to pixels from outside the
+    image too.  ``whole_frame``: show the whole input frame, uncropped (presets that crop at
+    random refuse it).
+    """
+
+    # Whether ``whole_frame`` means anything to this preset.
+    shows_whole_frame = False
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        image_size: int,
+        *,
+        ignore_index: int = 255,
+        whole_frame: bool = False,
+    ) -> None:
+        if whole_frame and not self.shows_whole_frame:
+            raise ValueError(
+                f"whole_frame=True is for an eval preset such as 'eval'; {type(self).__name__} "
+                "crops at random by design"
+            )
+        if not 0 <= ignore_index <= 255:
+            raise ValueError(f"ignore_index must fit a uint8 mask (0-255), got {ignore_index}")
         self.cfg = cfg
         self.image_size = image_size
+        self.ignore_index = ignore_index
+        self.whole_frame = whole_frame
         # None: fresh OS entropy on every call.  An int makes every call repeat the same draws
         # (for tests and previews).  We never keep a generator in the object: Ray ships one
         # pickled copy to each worker, and copies of one generator would draw identical streams.
@@ -57,31 +89,61 @@ class Preset:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = _images_nchw(batch["image"])
-        size = self.image_size
-        out = np.empty((len(images), 3, size, size), dtype=np.float32)
+        masks = _masks_nhw(batch["mask"], images) if "mask" in batch else None
+        n, size = len(images), self.image_size
+        out = {"image": np.empty((n, 3, size, size), dtype=np.float32)}
+        if masks is not None:
+            out["mask"] = np.empty((n, size, size), dtype=np.uint8)
         rng = np.random.default_rng(self.seed)  # one stream for the batch: chunks differ
         aspect = batch.get("aspect")
         step = max(1, CHUNK_PIXELS // (size * size))
-        for start in range(0, len(images), step):
-            part = None if aspect is None else aspect[start : start + step]
-            chunk = self.transform(images[start : start + step], rng, part)
-            out[start : start + len(chunk)] = chunk.numpy()
-        return {**batch, "image": out}
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            chunk = self.transform_pair(
+                images[part],
+                None if masks is None else masks[part],
+                rng,
+                None if aspect is None else aspect[part],
+            )
+            for key, values in zip(out, chunk):  # "image", then "mask" when there is one
+                out[key][part] = values.numpy()
+        return {**batch, **out}
 
     def transform(
         self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
     ) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> normalised float32 (N, 3, S, S), drawing from ``rng``;
         ``aspect``: each image's width / height before it was squeezed into H x W."""
+        return self.transform_pair(images, None, rng, aspect)[0]
+
+    def transform_pair(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None,
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``transform`` for images with their masks, uint8 (N, H, W) -> uint8 (N, S, S), each
+        moved with its own image.  ``masks`` None: images alone (None back), the same draws."""
         raise NotImplementedError
 
 
 AUGMENTATIONS: Registry[type[Preset]] = Registry("augmentation preset")
 
 
-def build_preset(name: str, cfg: AugmentConfig, image_size: int) -> Preset:
-    """The single way in: ``build_preset(cfg.augment.train_preset, cfg.augment, size)``."""
-    return AUGMENTATIONS.get(name)(cfg, image_size)
+def build_preset(
+    name: str,
+    cfg: AugmentConfig,
+    image_size: int,
+    *,
+    ignore_index: int = 255,
+    whole_frame: bool = False,
+) -> Preset:
+    """The single way in: ``build_preset(cfg.augment.train_preset, cfg.augment, size)``.
+    Segmentation passes ``ignore_index=cfg.data.ignore_index``, and ``whole_frame=True`` to
+    its eval preset: every pixel of the image is scored, so none may be cropped away."""
+    preset = AUGMENTATIONS.get(name)
+    return preset(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
 
 
 def denormalize(images: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
@@ -109,22 +171,28 @@ class ClassicPreset(Preset):
     Padding is zeros, not reflection: it matches ``classic_v2`` (RandomRotation fills with 0),
     so the two presets sample the same distribution, and reflection would mirror object parts
     into the rotated corners, inventing shapes the label does not describe.  Only rotation can
-    reach outside the image; the crop box always lies inside it.
+    reach outside the image; the crop box always lies inside it.  Masks follow through the
+    same sampling grid with nearest-neighbour lookups, which cost little next to the pixels.
 
     Known differences from ``classic_v2``: no antialiasing when the crop is shrunk (working
     size is ~1.15 x S, so the shrink is mild); jitter runs in the fixed order brightness,
     contrast, saturation in float (v2 permutes the order per image and rounds to uint8).
     """
 
-    def transform(
-        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
-    ) -> torch.Tensor:
+    def transform_pair(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None,
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, _, height, width = images.shape
         theta = _draw_affine(rng, self.cfg, n, *true_sides(aspect, n, height, width))
-        out = _warp(images, torch.from_numpy(theta).to(images.device), self.image_size)
-        out = out.mul_(1 / 255)  # scaled after the warp: S*S pixels instead of H*W
+        grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
+        out = _warp(images, grid).mul_(1 / 255)  # scaled after the warp: S*S pixels, not H*W
         out = color_jitter(out, _draw_jitter(rng, self.cfg, n))
-        return _normalize(out, self.cfg)
+        masks = None if masks is None else warp_masks(masks, grid, self.ignore_index)
+        return _normalize(out, self.cfg), masks
 
 
 def true_sides(
@@ -233,9 +301,12 @@ def affine_matrices(
     return (linear @ crop[:, :2, :]).astype(np.float32)
 
 
-def _warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    n, channels = images.shape[:2]
-    grid = F.affine_grid(theta, [n, channels, size, size], align_corners=False)
+def _grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, S, S, 2) sampling grid of the (N, 2, 3) ``theta``s: shared by pixels and masks."""
+    return F.affine_grid(theta, [len(theta), 1, size, size], align_corners=False)
+
+
+def _warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     # contiguous first: converting the NHWC-strided uint8 view straight to float is 4x slower
     return F.grid_sample(
         images.contiguous().float(),
@@ -244,6 +315,17 @@ def _warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
         padding_mode="zeros",
         align_corners=False,
     )
+
+
+def warp_masks(masks: torch.Tensor, grid: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """uint8 (N, H, W) class ids -> uint8 (N, S, S) at ``grid``: each output pixel takes the id
+    of the input pixel nearest its sample point, or ``ignore_index`` when that point falls
+    outside the image.  Ids are shifted up by one for the lookup, so grid_sample's zero padding
+    marks exactly those points (its nearest mode uses the same pixel centres as bilinear)."""
+    shifted = masks[:, None].float().add_(1)
+    out = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    outside = out == 0
+    return out.sub_(1).masked_fill_(outside, ignore_index)[:, 0].to(torch.uint8)
 
 
 def _draw_jitter(rng: np.random.Generator, cfg: AugmentConfig, n: int) -> np.ndarray:
@@ -290,53 +372,88 @@ def _normalize(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
 
 @AUGMENTATIONS.register("classic_v2")
 class ClassicV2Preset(Preset):
-    """The classic recipe with torchvision v2, called once per image so draws are per image."""
+    """The classic recipe with torchvision v2, called once per image so draws are per image.
 
-    def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
-        super().__init__(cfg, image_size)
+    Masks travel as ``tv_tensors.Mask`` beside their image: v2 moves them with the same draw,
+    always nearest-neighbour, and fills what rotation brings in with ``ignore_index``.
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        image_size: int,
+        *,
+        ignore_index: int = 255,
+        whole_frame: bool = False,
+    ) -> None:
+        super().__init__(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
         bilinear = v2.InterpolationMode.BILINEAR  # as the fused warp; v2's default is nearest
+        fill = {tv_tensors.Mask: ignore_index, "others": 0}
         self.pipeline = v2.Compose(
             [
                 v2.RandomHorizontalFlip(cfg.hflip),
                 v2.RandomVerticalFlip(cfg.vflip),
-                v2.RandomRotation(cfg.rotation, interpolation=bilinear),
+                v2.RandomRotation(cfg.rotation, interpolation=bilinear, fill=fill),
                 v2.RandomResizedCrop(image_size, cfg.scale, cfg.ratio, antialias=True),
                 v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation),
-                v2.ToDtype(torch.float32, scale=True),
+                v2.ToDtype(torch.float32, scale=True),  # images only: masks stay uint8
                 v2.Normalize(cfg.mean, cfg.std),
             ]
         )
 
-    def transform(
-        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
-    ) -> torch.Tensor:
+    def transform_pair(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None,
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # v2 draws from torch's global generator: seed a private fork of it, so calls get fresh
         # entropy (or self.seed) and the caller's own random stream is left untouched.
         seed = int(rng.integers(2**62))
         n, _, height, width = images.shape
-        heights, widths = true_sides(aspect, n, height, width)
+        sides = list(zip(*true_sides(aspect, n, height, width)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return torch.stack(
-                [
-                    self.pipeline(_unsqueezed(image, h, w))
-                    for image, h, w in zip(images, heights, widths)
-                ]
-            )
+            if masks is None:
+                out = [self.pipeline(_unsqueezed(im, *hw)) for im, hw in zip(images, sides)]
+                return torch.stack(out), None
+            pairs = [
+                self.pipeline(_unsqueezed(im, *hw), _unsqueezed(tv_tensors.Mask(m[None]), *hw))
+                for im, m, hw in zip(images, masks, sides)
+            ]
+        return torch.stack([im for im, _ in pairs]), torch.cat([m for _, m in pairs])
 
 
 def _unsqueezed(image: torch.Tensor, height: float, width: float) -> torch.Tensor:
-    """A squeezed image resized back to its own proportions (per image: the reference)."""
+    """A squeezed image (or Mask, which v2 resizes nearest) resized back to its own
+    proportions, per image: the reference."""
     size = [round(height), round(width)]
     return image if list(image.shape[1:]) == size else v2.functional.resize(image, size)
 
 
 @AUGMENTATIONS.register("eval")
 class EvalPreset(Preset):
-    """Deterministic resize + centre crop; safe to apply to the whole batch tensor at once."""
+    """Deterministic resize + centre crop; safe to apply to the whole batch tensor at once.
 
-    def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
-        super().__init__(cfg, image_size)
+    Masks are resized nearest-neighbour with pixel centres aligned (``NEAREST_EXACT``; v2's
+    plain ``NEAREST`` reads up and left of each output pixel's centre, half an output pixel
+    off the bilinear image on average) and cropped with the same integer box as their image.
+    ``whole_frame``: no centre crop, the whole image resized to S x S, so that segmentation
+    scores every pixel of it.
+    """
+
+    shows_whole_frame = True
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        image_size: int,
+        *,
+        ignore_index: int = 255,
+        whole_frame: bool = False,
+    ) -> None:
+        super().__init__(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
         # The same 1.15 ratio as the default working size, so the usual cached batch skips it.
         self.resize_to = round(image_size * 1.15)
         self.resize = v2.Resize(self.resize_to, antialias=True)
@@ -348,16 +465,41 @@ class EvalPreset(Preset):
             ]
         )
 
-    def transform(
-        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
-    ) -> torch.Tensor:
+    def transform_pair(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor | None,
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.whole_frame:
+            return self._whole(images, masks)
         if aspect is not None:
-            return self._squeezed(images, aspect)
+            return self._squeezed(images, masks, aspect)
         if min(images.shape[-2:]) != self.resize_to:
             images = self.resize(images)
-        return self.finish(images)
+            masks = _resize_masks(masks, [self.resize_to])
+        if masks is not None:
+            masks = v2.functional.center_crop(masks, [self.image_size])
+        return self.finish(images), masks
 
-    def _squeezed(self, images: torch.Tensor, aspect: np.ndarray) -> torch.Tensor:
+    def _whole(
+        self, images: torch.Tensor, masks: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The whole frame, squeezed to S x S.  A squeezed photo (``aspect``) stays squeezed:
+        its mask is squeezed alike, so every label still sits on its pixel and every pixel is
+        scored, and validation sees the same squeeze every epoch, so epochs and runs compare.
+        (Training sees true proportions; this small shift is the price of scoring all pixels
+        at S x S.)"""
+        size = [self.image_size, self.image_size]
+        if list(images.shape[-2:]) != size:
+            images = v2.functional.resize(images, size, antialias=True)
+            masks = _resize_masks(masks, size)
+        return self.finish(images), masks  # the centre crop of S x S keeps it whole
+
+    def _squeezed(
+        self, images: torch.Tensor, masks: torch.Tensor | None, aspect: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The same centre crop of whole photos squeezed into the square: one warp for the
         batch, from the box that resize + centre crop would cut in each photo's proportions."""
         n, _, height, width = images.shape
@@ -366,8 +508,14 @@ class EvalPreset(Preset):
         boxes = np.stack([(heights - side) / 2, (widths - side) / 2, side, side], axis=1)
         still = np.zeros(n)
         theta = affine_matrices(still > 0, still > 0, still, boxes, heights, widths)
-        out = _warp(images, torch.from_numpy(theta).to(images.device), self.image_size)
-        return _normalize(out.mul_(1 / 255), self.cfg)
+        grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
+        out = _normalize(_warp(images, grid).mul_(1 / 255), self.cfg)
+        return out, None if masks is None else warp_masks(masks, grid, self.ignore_index)
+
+
+def _resize_masks(masks: torch.Tensor | None, size: list[int]) -> torch.Tensor | None:
+    exact = v2.InterpolationMode.NEAREST_EXACT
+    return None if masks is None else v2.functional.resize(masks, size, interpolation=exact)
 
 
 def _images_nchw(images: np.ndarray) -> torch.Tensor:
@@ -379,3 +527,14 @@ def _images_nchw(images: np.ndarray) -> torch.Tensor:
     # Ray may hand over read-only views of its object store; torch needs a writable array.
     images = np.require(images, requirements=["C", "W"])
     return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def _masks_nhw(masks: np.ndarray, images: torch.Tensor) -> torch.Tensor:
+    n, _, height, width = images.shape
+    if masks.dtype != np.uint8 or masks.shape != (n, height, width):
+        raise ValueError(
+            f"augmentation expects batch['mask'] as uint8 (N, H, W) class ids the size of "
+            f"batch['image'], here ({n}, {height}, {width}); got {masks.dtype} {masks.shape}: "
+            "resize masks with nearest-neighbour to the working size with their images"
+        )
+    return torch.from_numpy(np.require(masks, requirements=["C", "W"]))

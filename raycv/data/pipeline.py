@@ -13,6 +13,7 @@ from raycv.data.augment import Preset, build_preset
 from raycv.data.order import CHUNK, CachedRows, epoch_stream, stratified_sample
 from raycv.data.sources import SOURCES
 from raycv.errors import DataError
+from raycv.tasks import TASKS
 
 AUGMENT_BATCH = CHUNK  # large enough to amortise the fused warp, small enough to stream
 
@@ -31,8 +32,9 @@ class Streams:
     prepare: Preset
 
     def train_sample(self, count: int, seed: int, augmented: bool = False) -> ray.data.Dataset:
-        """``count`` training images drawn at random, stratified by class (calibration,
-        Taylor importance, previews), prepared for evaluation or augmented as for training."""
+        """``count`` training images drawn at random, stratified by class where rows have
+        one (calibration, Taylor importance, previews), prepared for evaluation or augmented
+        as for training."""
         rows = stratified_sample(self.train_rows.labels, count, seed)
         preset = self.augment if augmented else self.prepare
         return _mapped(self.train_rows.rows_dataset(rows), preset, batch_size=None)
@@ -42,9 +44,10 @@ def build_streams(cfg: Config) -> Streams:
     source = SOURCES.get(cfg.data.source)(cfg)
     num_train, num_val = source.train.count(), source.val.count()
     check_sizes(cfg, num_train, num_val, len(source.skipped))
-    size, aug = cfg.model.image_size, cfg.augment
-    augment = build_preset(aug.train_preset, aug, size)
-    prepare = build_preset(aug.eval_preset, aug, size)
+    size, aug, ignore = cfg.model.image_size, cfg.augment, cfg.data.ignore_index
+    augment = build_preset(aug.train_preset, aug, size, ignore_index=ignore)
+    whole = TASKS.get(cfg.task).whole_frame
+    prepare = build_preset(aug.eval_preset, aug, size, ignore_index=ignore, whole_frame=whole)
     rows = CachedRows.of(source.train)
     ordered, clock = epoch_stream(rows, cfg.seed)
     return Streams(
