@@ -476,7 +476,11 @@ class Config(Section):
         _check_pruning(self)
         check_input_size(self.model.name, self.model.image_size, self.model.weights)
         if self.data.source == "folder":
-            _check_folder_root(self.data.folder.root)
+            _check_folder_root(self.data.folder.root, "data.folder.root", "an ImageFolder")
+        if self.data.source == "mask_folder":
+            _check_folder_root(
+                self.data.mask_folder.root, "data.mask_folder.root", "a folder of images and masks"
+            )
         _check_finetune(self)
         return self
 
@@ -538,6 +542,16 @@ def _fill_task_defaults(cfg: Config) -> None:
             f"choose one of: {', '.join(fits)}"
         )
     _check_encoder(cfg, spec)
+    from raycv.data.augment import AUGMENTATIONS
+
+    if (
+        TASKS.get(cfg.task).whole_frame
+        and not AUGMENTATIONS.get(cfg.augment.eval_preset).shows_whole_frame
+    ):
+        raise ValueError(
+            f"augment.eval_preset={cfg.augment.eval_preset} crops at random; {cfg.task} scores "
+            "every pixel of the whole image: use augment.eval_preset=eval"
+        )
 
 
 def _mode_of(metric: str) -> str:
@@ -634,11 +648,12 @@ def _check_finetune(cfg: Config) -> None:
         )
 
 
-def _check_folder_root(root: str | None) -> None:
+def _check_folder_root(root: str | None, key: str, what: str) -> None:
     if not root:
-        raise ValueError("data.folder.root is required when data.source=folder")
+        source = key.split(".")[1]
+        raise ValueError(f"{key} is required when data.source={source}")
     if "://" not in root and not os.path.isdir(root):
-        raise ValueError(f"data.folder.root={root!r} is not a folder; point it at an ImageFolder")
+        raise ValueError(f"{key}={root!r} is not a folder; point it at {what}")
 
 
 # ---------------------------------------------------------------- loading and overrides

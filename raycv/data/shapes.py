@@ -43,7 +43,7 @@ _MIN_RADIUS = 3.0
 _DISTRACTOR_SCALE = (0.3, 0.6)  # of the main shape's size, so the label stays obvious
 _MIN_DISTRACTOR_PIXELS = 20
 _PLACEMENT_TRIES = 4
-COLUMNS = ("image", "label", "boxes", "labels", "masks")
+COLUMNS = ("image", "label", "boxes", "labels", "masks", "semantic")
 
 
 def _ellipse(rx: float, ry: float, cx: float = 0.0) -> np.ndarray:
@@ -376,8 +376,13 @@ def _paint(image: np.ndarray, shapes: list[_Shape]) -> None:
 
 
 def _annotations(stack: list[_Shape], main: _Shape) -> tuple[dict, np.ndarray]:
-    """Boxes, labels and visible masks with the main shape first; also each one's drawn area."""
+    """Boxes, labels and visible masks with the main shape first; also each one's drawn area.
+    The semantic mask labels every visible pixel, of the tiny distractor pieces too that are
+    too small to count as objects."""
     visible = _visible_masks(stack)
+    semantic = np.zeros(visible[0].shape, np.uint8)
+    for shape, mask in zip(stack, visible):
+        semantic[mask] = shape.label + 1
     main_at = [shape is main for shape in stack].index(True)
     keep = [main_at] + [
         i
@@ -389,6 +394,7 @@ def _annotations(stack: list[_Shape], main: _Shape) -> tuple[dict, np.ndarray]:
         "boxes": np.array([_tight_box(m) for m in masks], np.float32).reshape(-1, 4),
         "labels": np.array([stack[i].label for i in keep], np.int64),
         "masks": masks,
+        "semantic": semantic,
     }, np.array([np.count_nonzero(stack[i].drawn) for i in keep], np.int64)
 
 
@@ -434,7 +440,8 @@ def render(
 
     Returns ``image`` (H, W, 3) uint8, ``label`` (the main shape's class), ``boxes``
     (N, 4) float32 xyxy, ``labels`` (N,) int64 and ``masks`` (N, H, W) uint8 0/1 of
-    visible pixels, for every drawn object with the main shape first.
+    visible pixels, for every drawn object with the main shape first, and ``semantic``
+    (H, W) uint8: 0 on the background, class + 1 on every visible shape pixel.
     """
     sample, _ = _render(
         index,

@@ -1,9 +1,16 @@
 """Data sources by name. Each returns Ray Datasets of images decoded once to the working
-size and cached in the object store (``{"image": uint8 (W, W, 3), "label": int64}``, and
-for a folder's training split ``"aspect"``: the width / height of the whole image squeezed
-into the square), so each epoch pays only for augmentation. The cache keeps the order the
-source lists its images in: each epoch's shuffle (data/order.py) numbers rows by it, so the
-same files give the same rows in every run, and a resumed run reads on in the same order."""
+size and cached in the object store, with the columns the task learns from (its
+``targets``), so each epoch pays only for augmentation:
+
+* classification: ``{"image": uint8 (W, W, 3), "label": int64}``, and for a folder's training
+  split ``"aspect"``: the width / height of the whole image squeezed into the square;
+* segmentation: ``{"image": uint8 (W, W, 3), "mask": uint8 (W, W)}`` of class ids
+  (``data.ignore_index`` for "ignore"), the mask resized nearest, and for a mask folder
+  ``"aspect"`` on both splits (its images are squeezed whole, never centre-cropped).
+
+The cache keeps the order the source lists its images in: each epoch's shuffle
+(data/order.py) numbers rows by it, so the same files give the same rows in every run, and
+a resumed run reads on in the same order."""
 
 from __future__ import annotations
 
@@ -20,10 +27,11 @@ from PIL import Image
 from ray.data.expressions import col
 
 from raycv.config import Config
-from raycv.data import shapes
+from raycv.data import mask_layouts, masks, shapes
 from raycv.data.images import decode_batch
 from raycv.errors import BadImageError, DataError
 from raycv.registry import Registry
+from raycv.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +52,17 @@ SOURCES: Registry[Callable[[Config], SourceData]] = Registry("data source")
 
 @dataclass(frozen=True)
 class _RenderShapes:
-    """Ray Data batch function: row positions -> rendered images at the working size."""
+    """Ray Data batch function: row positions -> rendered images at the working size, and
+    the columns the task learns from (``targets``: "label" and/or "mask")."""
 
     indices: np.ndarray
     cfg: dict
     size: int
+    targets: tuple[str, ...] = ("label",)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, labels = [], []
+        images = []
+        columns: dict[str, list] = {target: [] for target in self.targets}
         for i in self.indices[batch["id"]]:
             sample = shapes.render(int(i), **self.cfg)
             img = sample["image"]
@@ -60,13 +71,38 @@ class _RenderShapes:
                     Image.fromarray(img).resize((self.size, self.size), Image.BILINEAR)
                 )
             images.append(img)
-            labels.append(sample["label"])
-        return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
+            for target in self.targets:
+                columns[target].append(_SHAPES_TARGETS[target](sample, self.size))
+        return {
+            "image": np.stack(images),
+            **{
+                target: np.asarray(values, _SHAPES_DTYPES[target])
+                for target, values in columns.items()
+            },
+        }
+
+
+def semantic_mask(sample: dict, size: int) -> np.ndarray:
+    """uint8 (size, size) of a rendered sample: 0 background, class id + 1 on each shape's
+    visible pixels, resized nearest so that values stay class ids."""
+    ids = sample["semantic"]
+    if ids.shape[0] != size:
+        ids = np.asarray(Image.fromarray(ids).resize((size, size), Image.Resampling.NEAREST))
+    return ids
+
+
+# What shapes can give each task: target column -> (sample, working size) -> value.
+_SHAPES_TARGETS: dict[str, Callable[[dict, int], object]] = {
+    "label": lambda sample, size: sample["label"],
+    "mask": semantic_mask,
+}
+_SHAPES_DTYPES = {"label": np.int64, "mask": np.uint8}
 
 
 @SOURCES.register("shapes")
 def shapes_source(cfg: Config) -> SourceData:
     s = cfg.data.shapes
+    targets = _targets(cfg, tuple(_SHAPES_TARGETS))
     render_args = {
         "image_size": s.image_size,
         "num_classes": s.num_classes,
@@ -77,12 +113,25 @@ def shapes_source(cfg: Config) -> SourceData:
     train_idx, val_idx = split_indices(s.num_images, cfg.data.val_fraction, cfg.data.split_seed)
 
     def rendered(indices: np.ndarray) -> ray.data.Dataset:
-        fn = _RenderShapes(indices, render_args, cfg.working_size)
+        fn = _RenderShapes(indices, render_args, cfg.working_size, targets)
         return cached(ray.data.range(len(indices)).map_batches(fn, batch_size=256))
 
-    return SourceData(
-        shapes.class_names(s.num_classes, s.classes), rendered(train_idx), rendered(val_idx)
-    )
+    names = shapes.class_names(s.num_classes, s.classes)
+    if "mask" in targets:  # a semantic mask's value 0 is the background, a class of its own
+        names = ["background", *names]
+    return SourceData(names, rendered(train_idx), rendered(val_idx))
+
+
+def _targets(cfg: Config, available: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns ``cfg.task`` learns from; a source that cannot make one says so."""
+    targets = TASKS.get(cfg.task).targets
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise DataError(
+            f"data.source={cfg.data.source} has no {', '.join(missing)} for task={cfg.task} "
+            f"(it gives {', '.join(available)}); choose a source that annotates them"
+        )
+    return targets
 
 
 def cached(ds: ray.data.Dataset) -> ray.data.MaterializedDataset:
@@ -136,6 +185,7 @@ class FolderSplit:
 
 @SOURCES.register("folder")
 def folder_source(cfg: Config) -> SourceData:
+    _targets(cfg, ("label",))
     fs, root = _filesystem(cfg.data.folder.root)
     split = find_split(fs, root, cfg)
     class_index = {c: i for i, c in enumerate(split.classes)}
@@ -281,7 +331,13 @@ def _decoded(
 ) -> tuple[ray.data.Dataset, list[str]]:
     """Decode once and cache; return the good rows and the paths of the bad ones."""
     ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
-    ds = cached(ds.map_batches(decoder, batch_size=64))
+    return good_rows(cached(ds.map_batches(decoder, batch_size=64)), fail_on_bad)
+
+
+def good_rows(ds: ray.data.Dataset, fail_on_bad: bool) -> tuple[ray.data.Dataset, list[str]]:
+    """A cached dataset with ``path`` and ``error`` ("" when good) columns -> its good rows
+    without them, and the paths of the bad ones; or, with ``fail_on_bad``, the first
+    error raised as ``BadImageError``."""
     # Project first: the filter then never moves the decoded pixels around.
     bad = ds.select_columns(["path", "error"]).filter(expr=col("error") != "").take_all()
     if bad and fail_on_bad:
@@ -295,3 +351,67 @@ def _decoded(
     if bad:
         good = cached(ds.filter(expr=col("error") == "").drop_columns(["error", "path"]))
     return good, [row["path"] for row in bad]
+
+
+# ------------------------------------------------------------------ mask_folder (segmentation)
+
+
+@SOURCES.register("mask_folder")
+def mask_folder_source(cfg: Config) -> SourceData:
+    """Images and segmentation masks paired by stem (data/mask_layouts.py), decoded in pairs
+    (data/masks.py) to ``{"image", "mask", "aspect"}`` rows on both splits: the whole image
+    squeezed into the square, so a random crop can reach every side of it."""
+    _targets(cfg, ("mask",))
+    m = cfg.data.mask_folder
+    if not m.root:
+        raise DataError("data.mask_folder.root is required when data.source=mask_folder")
+    fs, root = _filesystem(m.root)
+    layout = mask_layouts.find_layout(fs, root, m)
+    classes = mask_layouts.class_names(fs, root, m, layout)
+    train, val = _splits(layout, cfg)
+    missing = train.missing + val.missing
+    fail = cfg.data.bad_images == "fail"
+    if missing and fail:
+        raise BadImageError(
+            f"{missing[0][1]} (data.bad_images=fail; set data.bad_images=skip to leave such "
+            "files out)"
+        )
+    palette = None if m.palette is None else np.asarray(m.palette, np.uint8)
+    decoder = masks.DecodePairs(
+        fs, cfg.working_size, masks.MaskSpec(len(classes), cfg.data.ignore_index, palette)
+    )
+    train_ds, bad_train = _decoded_pairs(train.pairs, decoder, fail)
+    if bad_train and len(bad_train) == len(train.pairs):
+        raise DataError(f"{root}: no training image has a usable mask, e.g. {bad_train[0]}")
+    val_ds, bad_val = _decoded_pairs(val.pairs, decoder, fail)
+    skipped = [path for path, _ in missing] + bad_train + bad_val
+    if skipped:
+        log.warning("skipped %d images without a usable mask, e.g. %s", len(skipped), skipped[0])
+    return SourceData(classes, train_ds, val_ds, skipped)
+
+
+def _splits(
+    layout: mask_layouts.MaskLayout, cfg: Config
+) -> tuple[mask_layouts.Split, mask_layouts.Split]:
+    """The layout's train and val splits; without a val split, ``data.val_fraction`` of the
+    training pairs carved out with a fixed seed (``data.split_seed``)."""
+    if layout.val is not None:
+        return layout.train, layout.val
+    pairs = layout.train.pairs
+    if len(pairs) < 2:
+        raise DataError(
+            f"found {len(pairs)} image/mask pair and no validation split; add pairs or a "
+            f"{cfg.data.mask_folder.val_split}/ split"
+        )
+    train_idx, val_idx = split_indices(len(pairs), cfg.data.val_fraction, cfg.data.split_seed)
+    train = mask_layouts.Split([pairs[i] for i in train_idx], layout.train.missing)
+    return train, mask_layouts.Split([pairs[i] for i in val_idx], [])
+
+
+def _decoded_pairs(
+    pairs: list[tuple[str, str]], decoder: masks.DecodePairs, fail_on_bad: bool
+) -> tuple[ray.data.Dataset, list[str]]:
+    """Decode (image, mask) pairs once and cache, in the order listed."""
+    items = [{"image_path": image, "mask_path": mask} for image, mask in pairs]
+    ds = ray.data.from_items(items).map_batches(decoder, batch_size=16)
+    return good_rows(cached(ds), fail_on_bad)
