@@ -338,6 +338,11 @@ class PipelineConfig(Section):
         True, description="also train from scratch on the target with the same budget"
     )
     export: bool = Field(True, description="export TorchScript, ONNX and a model card")
+    distill: bool = Field(
+        True,
+        description="compress: fine-tune each pruned model distilled from the fine-tuned one "
+        "(distill.teacher, when set, is used instead)",
+    )
 
 
 class SpaceEntry(Section):
