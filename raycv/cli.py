@@ -239,7 +239,8 @@ def _add_export(sub) -> None:
         "export",
         help="TorchScript, ONNX and a model card",
         description="Export a trained model as TorchScript and ONNX (both checked against "
-        "PyTorch, ONNX with onnxruntime), plus its state dict and a model card.",
+        "PyTorch, ONNX with onnxruntime), plus its state dict and a model card. A "
+        "segmentation model takes any height and width (checked at two sizes).",
     )
     export.add_argument("artifact", help="a run folder (its best model) or checkpoint")
     export.set_defaults(handler=_export)
@@ -249,13 +250,16 @@ def _add_predict(sub) -> None:
     predict = sub.add_parser(
         "predict",
         help="batch inference over images or folders",
-        description="Predict classes for images with Ray Data (an actor pool; GPU when "
-        "the cluster has one). Writes predictions.csv and .parquet; unreadable files are "
-        "reported, not fatal.",
+        description="Predict with Ray Data (an actor pool; GPU when the cluster has one): "
+        "the top classes per image (classification), or a mask PNG, an overlay and the class "
+        "areas per image (segmentation). Writes predictions.csv and .parquet; unreadable "
+        "files are reported, not fatal.",
     )
     predict.add_argument("artifact", help="a run folder, export folder or checkpoint")
     predict.add_argument("paths", nargs="+", help="image files or folders")
-    predict.add_argument("--top-k", type=int, default=5, help="classes kept per image (5)")
+    predict.add_argument(
+        "--top-k", type=int, default=5, help="classification: classes kept per image (5)"
+    )
     predict.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
     predict.set_defaults(handler=_predict)
 
@@ -264,8 +268,9 @@ def _add_eval(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint",
-        description="Accuracy, per-class accuracy and a confusion matrix of a "
-        "checkpoint on the validation split of a dataset.",
+        description="Score a checkpoint on the validation split of a dataset: accuracy, "
+        "per-class accuracy and a confusion matrix (classification); mIoU, pixel accuracy, "
+        "per-class IoU, a confusion matrix and the worst images drawn (segmentation).",
     )
     ev.add_argument(
         "checkpoint", help="a run folder (its best checkpoint) or a checkpoints/epoch_* folder"
@@ -284,7 +289,8 @@ def _add_data(sub) -> None:
     preview = data_sub.add_parser(
         "preview",
         help="PNG grid of augmented training samples",
-        description="Write a PNG grid of augmented training samples.",
+        description="Write a PNG grid of augmented training samples, titled with their "
+        "labels, or with their masks drawn over them (segmentation).",
     )
     _add_config(preview, "YAML config")
     preview.add_argument("--count", type=int, default=32, help="number of samples (default 32)")

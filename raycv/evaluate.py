@@ -1,4 +1,5 @@
-"""``raycv eval`` (a checkpoint on a dataset) and ``raycv data preview`` (augmented samples)."""
+"""``raycv eval`` (a checkpoint on a dataset) and ``raycv data preview`` (augmented samples).
+What each measures and draws is the task's (``Task.eval_report``, ``Task.preview``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from raycv.data.pipeline import Streams, build_streams
 from raycv.errors import DataError
 from raycv.runs import RunFolder, write_json, write_manifest
 from raycv.session import ensure_ray
+from raycv.tasks import Task, build_task
+from raycv.tasks.base import EvalReport
+
+# report/evaluation.py reads classification's scores from here.
+from raycv.tasks.classification import accuracy_report as accuracy_report
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +30,33 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
     trained = load_trained(checkpoint_path)
     cfg = from_dict(trained.config.model_dump(mode="json"), overrides)
     streams = streams_for(trained, cfg)
-    matrix = confusion(trained.model, streams.val, len(streams.class_names), cfg.train.batch_size)
+    task = build_task(cfg, streams.class_names)
+    report = task.eval_report(cfg.augment)
+    feed(report, task, trained.model, streams.val, cfg.train.batch_size)
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "eval")
     run.config.write_text(dump_config(cfg))
-    metrics = accuracy_report(matrix, streams.class_names)
-    plots.confusion_matrix(matrix, streams.class_names, run.plots / "confusion.png")
-    write_json(run.path / "metrics.json", metrics)
+    result = report.write(run.path)
+    write_json(run.path / "metrics.json", result.metrics)
     write_manifest(
         run,
         cfg,
         "finished",
-        {"metrics": metrics, "paths": {"confusion": "plots/confusion.png"}},
+        {"metrics": result.metrics, "paths": result.paths},
         kind="eval",
         parent=str(trained.checkpoint.resolve()),
     )
-    width = max(map(len, streams.class_names))
-    lines = [f"  {c.ljust(width)}  {a:.4f}" for c, a in metrics["per_class_acc"].items()]
-    log.info("accuracy %.4f on %d images\n%s", metrics["acc"], matrix.sum(), "\n".join(lines))
+    log.info("%s", result.summary)
     return run
+
+
+@torch.no_grad()
+def feed(report: EvalReport, task: Task, model: torch.nn.Module, dataset, batch_size: int) -> None:
+    """``report`` every prepared batch of ``dataset`` with ``model``'s logits for it."""
+    model.eval()
+    for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        # Ray may hand over read-only views of its object store; torch wants writable arrays.
+        images = torch.from_numpy(np.require(batch["image"], requirements=["W"]))
+        report.process(batch, task.logits(task.forward(model, {"image": images})).float())
 
 
 def streams_for(trained: Trained, cfg: Config) -> Streams:
@@ -176,25 +191,16 @@ def confusion(model: torch.nn.Module, dataset, num_classes: int, batch_size: int
     return predictions(model, dataset, batch_size).confusion(num_classes)
 
 
-def accuracy_report(matrix: np.ndarray, class_names: list[str]) -> dict:
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
-    return {
-        "acc": float(matrix.diagonal().sum() / max(matrix.sum(), 1)),
-        "per_class_acc": {c: float(a) for c, a in zip(class_names, per_class)},
-        "confusion_matrix": matrix.tolist(),
-    }
-
-
 def run_preview(cfg: Config, count: int) -> RunFolder:
     ensure_ray(cfg)
     streams = build_streams(cfg)
-    sample = streams.train_sample(count, cfg.seed, augmented=True)  # every class, at random
+    # At random, every class in it where rows have one.
+    sample = streams.train_sample(count, cfg.seed, augmented=True)
     batch = sample.take_batch(count, batch_format="numpy")
-    images = denormalize(batch["image"], cfg.augment)
-    titles = [streams.class_names[i] for i in batch["label"]]
+    shown = build_task(cfg, streams.class_names).preview(batch, cfg.augment)
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "preview")
     run.config.write_text(dump_config(cfg))
-    plots.image_grid(images, titles, run.plots / "preview.png")
+    plots.image_grid(shown.images, shown.titles, run.plots / "preview.png", legend=shown.legend)
     write_manifest(
         run, cfg, "finished", {"paths": {"preview": "plots/preview.png"}}, kind="preview"
     )

@@ -7,12 +7,18 @@ The export run folder holds:
   ``torch.load(..., weights_only=True)`` and by ``raycv.artifacts.load_trained(folder)``
   (which restores a pruned model's narrower layers).
 * ``model.torchscript.pt``: the model traced on one (1, 3, S, S) image.
-* ``model.onnx``: input ``image`` float32 (batch, 3, S, S), output ``logits`` (batch, C);
-  the batch dimension is dynamic.
+* ``model.onnx``: input ``image`` float32, output ``logits``, shaped as the task says
+  (``Task.export_spec``): a classifier's (batch, 3, S, S) -> (batch, C), a segmenter's
+  (batch, 3, height, width) -> (batch, C, height, width). The batch dimension is dynamic,
+  and a segmenter's height and width too.
 * ``model_card.json`` / ``model_card.md``: classes, the exact preprocessing, metrics,
   lineage, file sizes, the export checks and how to load each file.
 * ``manifest.json`` (kind ``export``), written last: status ``finished`` only when both
-  exports match PyTorch within ``ATOL`` + ``RTOL`` x |logit|.
+  exports match PyTorch within ``ATOL`` + ``RTOL`` x |logit| at every size the task checks
+  (two for dynamic sides).
+
+Both files hold the model behind ``Logits``: they return the task's main output as one
+tensor (a torchvision segmenter's ``out`` map, not its ``{"out", "aux"}`` dict).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,10 @@ from raycv import checkpoint
 from raycv.artifacts import load_trained, read_manifest
 from raycv.config import Config, dump_config
 from raycv.data.augment import EvalPreset, build_preset
+from raycv.models import MODELS
 from raycv.runs import RunFolder, code_version, write_json, write_manifest
+from raycv.tasks import TASKS, Task, build_task
+from raycv.tasks.base import ExportSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,8 @@ CARD_METRICS = (
     "epoch",
     "val_acc",
     "val_acc5",
+    "val_miou",
+    "val_pixel_acc",
     "val_loss",
     "params",
     "nonzero_params",
@@ -92,13 +103,21 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
         "metrics": trained.metrics,
     }
     checkpoint.save(run.path, state, STATE_DICT_FILE)
-    size = cfg.model.image_size
+    task = build_task(cfg, trained.class_names)
+    spec = task.export_spec(cfg.model.image_size, MODELS.get(cfg.model.name).patch)
+    exported = Logits(model, task).eval()
     started = time.perf_counter()
     try:
-        export_torchscript(model, size, run.path / TORCHSCRIPT_FILE)
-        export_onnx(model, size, run.path / ONNX_FILE)
+        export_torchscript(exported, spec, run.path / TORCHSCRIPT_FILE)
+        export_onnx(exported, spec, run.path / ONNX_FILE)
         export_s = time.perf_counter() - started
-        diffs = verify(model, size, run.path / TORCHSCRIPT_FILE, run.path / ONNX_FILE)
+        diffs = verify(
+            exported,
+            cfg.model.image_size,
+            run.path / TORCHSCRIPT_FILE,
+            run.path / ONNX_FILE,
+            spec.check_sides,
+        )
     except Exception as e:  # the folder says it failed; a mismatching file never looks shipped
         error = {"error": f"{type(e).__name__}: {e}"}
         write_manifest(run, cfg, "failed", error, kind="export", parent=parent)
@@ -108,13 +127,16 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
     if (run.path / f"{ONNX_FILE}.data").is_file():
         paths["onnx_data"] = f"{ONNX_FILE}.data"
     sizes = {key: _size_mb(run.path / name) for key, name in paths.items()}
-    card = model_card(cfg, trained.class_names, trained.metrics, trained.checkpoint, source_run)
+    card = model_card(
+        cfg, trained.class_names, trained.metrics, trained.checkpoint, source_run, spec
+    )
     card["files"] = {key: {"path": paths[key], "size_mb": sizes[key]} for key in paths}
+    shapes = ", ".join(str(tuple(shape)) for shape in check_shapes(spec.check_sides))
     card["checks"] = {
         **diffs,
         "atol": ATOL,
         "rtol": RTOL,
-        "inputs": f"seeded standard-normal batches of {CHECK_BATCH} (ONNX also 1)",
+        "inputs": f"seeded standard-normal inputs of shapes {shapes}",
     }
     write_json(run.path / CARD_JSON, card)
     (run.path / CARD_MD).write_text(card_markdown(card))
@@ -148,9 +170,20 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
 # ---------------------------------------------------------------- writing the files
 
 
-def _example(batch: int, size: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(CHECK_SEED)
-    return torch.randn(batch, 3, size, size, generator=generator)
+class Logits(nn.Module):
+    """The model as exported: its task's main output as one tensor (``Task.logits``)."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task  # a plain object: it adds nothing to the state dict
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.task.logits(self.task.forward(self.model, {"image": image}))
+
+
+def _example(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(CHECK_SEED))
 
 
 @contextlib.contextmanager
@@ -163,16 +196,19 @@ def _quiet_torchscript() -> Iterator[None]:
         yield
 
 
-def export_torchscript(model: nn.Module, image_size: int, path: Path) -> None:
+def export_torchscript(model: nn.Module, spec: ExportSpec, path: Path) -> None:
+    """The model traced on one image of the first checked size; sizes are traced as the
+    input's own, so a segmenter's TorchScript takes other sizes (``verify`` checks it)."""
     with _quiet_torchscript(), torch.no_grad():
-        traced = torch.jit.trace(model, _example(1, image_size))
+        traced = torch.jit.trace(model, _example((1, 3, *spec.check_sides[0])))
         tmp = path.with_suffix(".tmp")
         torch.jit.save(traced, str(tmp))
     os.replace(tmp, path)
 
 
-def export_onnx(model: nn.Module, image_size: int, path: Path) -> None:
-    """ONNX with a dynamic batch, through the torch.export-based (dynamo) exporter.
+def export_onnx(model: nn.Module, spec: ExportSpec, path: Path) -> None:
+    """ONNX with the dynamic dimensions of ``spec`` (the batch, a segmenter's height and
+    width), through the torch.export-based (dynamo) exporter.
 
     Measured on 2 CPU cores (torch 2.14.1, onnxscript 0.7.2, 32 px inputs): resnet18 takes
     2.4-2.9 s with ``dynamo=True`` and 0.25 s with the legacy ``dynamo=False`` exporter;
@@ -183,13 +219,13 @@ def export_onnx(model: nn.Module, image_size: int, path: Path) -> None:
         torch.onnx.export(
             model,
             # Batch 2, not 1: torch.export may specialise a size-1 dimension to a constant.
-            (_example(2, image_size),),
+            (_example((2, 3, *spec.check_sides[0])),),
             str(path),
             dynamo=True,
             verbose=False,  # no per-phase progress lines
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamic_shapes=({i: torch.export.Dim(name) for i, name in spec.dynamic.items()},),
             external_data=weight_bytes > ONNX_SINGLE_FILE_BYTES,
         )
     except Exception as e:  # the exporter raises many types, all meaning "cannot export"
@@ -202,43 +238,59 @@ def export_onnx(model: nn.Module, image_size: int, path: Path) -> None:
 # ---------------------------------------------------------------- checking the files
 
 
-def verify(model: nn.Module, image_size: int, torchscript: Path, onnx: Path) -> dict[str, float]:
+def check_shapes(sides: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """The inputs ``verify`` feeds: a batch of ``CHECK_BATCH`` at each (height, width), and
+    one image at the last (a dimension of 1 is where exporters specialise by mistake)."""
+    return [(CHECK_BATCH, 3, h, w) for h, w in sides] + [(1, 3, *sides[-1])]
+
+
+def verify(
+    model: nn.Module,
+    image_size: int,
+    torchscript: Path,
+    onnx: Path,
+    sides: Sequence[tuple[int, int]] | None = None,
+) -> dict[str, float]:
     """Max absolute logit difference of each saved file against ``model`` on seeded random
-    batches; raises RuntimeError if either exceeds the tolerance."""
+    inputs at each (height, width) of ``sides`` (default: ``image_size`` square); raises
+    RuntimeError if either exceeds the tolerance."""
     import onnxruntime as ort
 
-    batch = _example(CHECK_BATCH, image_size)
-    with torch.no_grad():
-        expected = model(batch).numpy()
-        expected_one = model(batch[:1]).numpy()
-        with _quiet_torchscript():
-            scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
-            from_script = scripted(batch).numpy()
     session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    from_onnx = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-    from_onnx_one = session.run([OUTPUT_NAME], {INPUT_NAME: batch[:1].numpy()})[0]
-    return {
-        "torchscript_max_abs_diff": _checked_diff("TorchScript", from_script, expected),
-        "onnx_max_abs_diff": max(
-            _checked_diff("ONNX", from_onnx, expected),
-            _checked_diff("ONNX (batch of 1)", from_onnx_one, expected_one),
-        ),
-    }
+    with _quiet_torchscript():
+        scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
+    diffs = {"torchscript_max_abs_diff": 0.0, "onnx_max_abs_diff": 0.0}
+    for shape in check_shapes(sides or [(image_size, image_size)]):
+        batch = _example(shape)
+        with torch.no_grad():
+            expected = model(batch).numpy()
+            with _quiet_torchscript():
+                from_script = scripted(batch).numpy()
+        from_onnx = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+        for key, what, actual in (
+            ("torchscript_max_abs_diff", "TorchScript", from_script),
+            ("onnx_max_abs_diff", "ONNX", from_onnx),
+        ):
+            diffs[key] = max(diffs[key], _checked_diff(what, shape, actual, expected))
+    return diffs
 
 
-def _checked_diff(what: str, actual: np.ndarray, expected: np.ndarray) -> float:
+def _checked_diff(
+    what: str, shape: tuple[int, ...], actual: np.ndarray, expected: np.ndarray
+) -> float:
     if actual.shape != expected.shape:
         raise RuntimeError(
-            f"the {what} export returns logits of shape {actual.shape}, PyTorch "
-            f"{expected.shape}; the export is not shipped (manifest status: failed)"
+            f"the {what} export returns logits of shape {actual.shape} for an input of "
+            f"{shape}, PyTorch {expected.shape}; the export is not shipped (manifest status: "
+            "failed)"
         )
     diff = np.abs(actual.astype(np.float64) - expected)
     excess = diff - RTOL * np.abs(expected)
     if not np.all(excess <= ATOL):  # also catches NaN
         raise RuntimeError(
             f"the {what} export differs from PyTorch by up to {np.nanmax(diff):.3g} in a logit "
-            f"(allowed: {ATOL:g} + {RTOL:g} x |logit|); the export is not shipped "
-            "(manifest status: failed)"
+            f"for an input of {shape} (allowed: {ATOL:g} + {RTOL:g} x |logit|); the export is "
+            "not shipped (manifest status: failed)"
         )
     return float(diff.max())
 
@@ -296,46 +348,77 @@ def lineage(source_run: Path | None, checkpoint: Path, cfg: Config) -> list[dict
     return chain
 
 
+# whole_frame -> how a file becomes the working-size square: (raycv.data.images function,
+# the step in words, the resize in short)
+_FIT = {
+    False: (
+        "decode",
+        "resize the shorter side to {w} px (bilinear) and centre-crop to {w}x{w} "
+        "(PIL ImageOps.fit)",
+        "shorter side to the working size, then centre crops",
+    ),
+    True: (
+        "decode_whole",
+        "resize the whole image to {w}x{w} (bilinear; its aspect ratio is not kept)",
+        "the whole image squeezed to the working size, then to the input size",
+    ),
+}
+
+
 def preprocessing(cfg: Config) -> dict[str, Any]:
-    """The evaluation path (``raycv.data.images.decode`` then the eval preset), in words
-    and numbers, so another runtime can feed the model the same pixels."""
+    """The evaluation path (``raycv.data.images.decode``, or ``decode_whole`` where the task
+    scores whole frames, then the eval preset), in words and numbers, so another runtime
+    can feed the model the same pixels."""
     working, size = cfg.working_size, cfg.model.image_size
-    preset = build_preset(cfg.augment.eval_preset, cfg.augment, size)
+    whole = TASKS.get(cfg.task).whole_frame
+    decode, fit, resize = _FIT[whole]
+    preset = build_preset(cfg.augment.eval_preset, cfg.augment, size, whole_frame=whole)
     steps = [
         "decode the file with PIL, apply its EXIF orientation, convert to RGB "
         "(palette, greyscale and CMYK converted; transparency composited on white)",
-        f"resize the shorter side to {working} px (bilinear) and centre-crop to "
-        f"{working}x{working} (PIL ImageOps.fit)",
+        fit.format(w=working),
     ]
     if isinstance(preset, EvalPreset):
-        if preset.resize_to != working:
-            steps.append(
-                f"resize to {preset.resize_to}x{preset.resize_to} (bilinear, antialiased, "
-                "torchvision transforms.v2.Resize)"
-            )
-        steps += [
-            f"centre-crop to {size}x{size}",
-            "scale to float32 in [0, 1]",
-            f"normalise per channel: (x - mean) / std with mean {list(cfg.augment.mean)} "
-            f"and std {list(cfg.augment.std)}",
-        ]
+        steps += _eval_preset_steps(preset, working)
     else:
         steps.append(f"apply the {cfg.augment.eval_preset!r} preset of raycv.data.augment")
     steps.append(f"stack as float32 NCHW (N, 3, {size}, {size}), channels in RGB order")
     return {
         "input_size": size,
         "working_size": working,
-        "resize": "shorter side to the working size, then centre crops",
-        "crop": size,
+        "resize": resize,
+        "crop": None if whole else size,
         "mean": list(cfg.augment.mean),
         "std": list(cfg.augment.std),
         "layout": "NCHW float32 RGB",
         "steps": steps,
         "code": (
-            "raycv.data.images.decode(bytes, path, working_size), then "
-            "raycv.data.augment.build_preset(cfg.augment.eval_preset, cfg.augment, input_size)"
+            f"raycv.data.images.{decode}(bytes, path, working_size), then "
+            "raycv.data.augment.build_preset(cfg.augment.eval_preset, cfg.augment, "
+            f"input_size, whole_frame={whole})"
         ),
     }
+
+
+def _eval_preset_steps(preset: EvalPreset, working: int) -> list[str]:
+    """The eval preset on a working-size square: a resize where the sizes differ, the
+    centre crop unless it shows the whole frame, then the scaling."""
+    size, cfg = preset.image_size, preset.cfg
+    resized = size if preset.whole_frame else preset.resize_to
+    steps = []
+    if resized != working:
+        steps.append(
+            f"resize to {resized}x{resized} (bilinear, antialiased, "
+            "torchvision transforms.v2.Resize)"
+        )
+    if not preset.whole_frame:
+        steps.append(f"centre-crop to {size}x{size}")
+    return [
+        *steps,
+        "scale to float32 in [0, 1]",
+        f"normalise per channel: (x - mean) / std with mean {list(cfg.mean)} "
+        f"and std {list(cfg.std)}",
+    ]
 
 
 def model_card(
@@ -344,20 +427,19 @@ def model_card(
     metrics: dict[str, Any],
     checkpoint: Path,
     source_run: Path | None,
+    spec: ExportSpec,
 ) -> dict[str, Any]:
-    size = cfg.model.image_size
     return {
         "model": cfg.model.name,
         "experiment": cfg.experiment,
         "task": cfg.task,
         "num_classes": len(class_names),
         "classes": list(class_names),
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "input": {"name": INPUT_NAME, "shape": list(spec.input_shape), "dtype": "float32"},
         "output": {
             "name": OUTPUT_NAME,
-            "shape": ["batch", len(class_names)],
-            "meaning": "unnormalised class scores in the order of classes; softmax for "
-            "probabilities",
+            "shape": list(spec.output_shape),
+            "meaning": spec.output_meaning,
         },
         "preprocessing": preprocessing(cfg),
         "metrics": {k: metrics[k] for k in CARD_METRICS if metrics.get(k) is not None},
@@ -370,8 +452,8 @@ def model_card(
 
 
 def card_markdown(card: dict[str, Any]) -> str:
-    pre, size = card["preprocessing"], card["preprocessing"]["input_size"]
-    files, checks = card["files"], card["checks"]
+    pre, files, checks = card["preprocessing"], card["files"], card["checks"]
+    shape_in, shape_out = _shape(card["input"]["shape"]), _shape(card["output"]["shape"])
     lines = [
         f"# {card['model']}: {card['experiment']}",
         "",
@@ -386,8 +468,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Preprocessing",
         "",
-        f"Input `{INPUT_NAME}`: float32 (batch, 3, {size}, {size}); output `{OUTPUT_NAME}`: "
-        f"(batch, {card['num_classes']}), unnormalised (apply softmax for probabilities).",
+        f"Input `{INPUT_NAME}`: float32 {shape_in}; output `{OUTPUT_NAME}`: {shape_out}, "
+        f"{card['output']['meaning']}.",
         "",
         *[f"{i}. {step}" for i, step in enumerate(pre["steps"], 1)],
         "",
@@ -443,7 +525,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "import torch",
         "",
         f"model = torch.jit.load('{files['torchscript']['path']}').eval()",
-        f"logits = model(images)  # float32 (N, 3, {size}, {size}), preprocessed as above",
+        f"logits = model(images)  # float32 {shape_in}, preprocessed as above",
         "```",
         "",
         "ONNX (onnxruntime):",
@@ -454,11 +536,15 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"session = ort.InferenceSession('{files['onnx']['path']}', "
         "providers=['CPUExecutionProvider'])",
         f"logits = session.run(['{OUTPUT_NAME}'], {{'{INPUT_NAME}': images}})[0]  "
-        f"# numpy float32 (N, 3, {size}, {size})",
+        f"# numpy float32 {shape_in}",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _shape(dims: list[int | str]) -> str:
+    return f"({', '.join(map(str, dims))})"
 
 
 def _fmt(value: Any) -> str:

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 
@@ -50,8 +51,14 @@ def confusion_matrix(matrix: np.ndarray, class_names: list[str], out: Path) -> P
     return _save(fig, out)
 
 
-def image_grid(images: np.ndarray, titles: list[str], out: Path, columns: int = 8) -> Path:
-    """``images``: uint8 (N, H, W, 3)."""
+def image_grid(
+    images: np.ndarray,
+    titles: list[str],
+    out: Path,
+    columns: int = 8,
+    legend: dict[str, tuple[int, ...]] | None = None,
+) -> Path:
+    """``images``: uint8 (N, H, W, 3); ``legend``: name -> RGB of the colours drawn on them."""
     rows = -(-len(images) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
     for ax in axes.flat:
@@ -59,7 +66,58 @@ def image_grid(images: np.ndarray, titles: list[str], out: Path, columns: int = 
     for ax, img, title in zip(axes.flat, images, titles):
         ax.imshow(img)
         ax.set_title(title, fontsize=8)
+    return _save(fig, out, legend)
+
+
+def confusion_shares(matrix: np.ndarray, class_names: list[str], out: Path, what: str) -> Path:
+    """A confusion matrix of counts (rows: true classes) drawn row-normalised: each cell is
+    the share of the true class's ``what`` (e.g. pixels) predicted as the column's class, so
+    rare classes read as well as common ones; each row's total is in its label."""
+    n = len(class_names)
+    totals = matrix.sum(axis=1)
+    shares = matrix / np.maximum(totals, 1)[:, None]
+    fig, ax = plt.subplots(figsize=(2.0 + 0.7 * n, 0.8 + 0.6 * n))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), [f"{c} ({int(t):,})" for c, t in zip(class_names, totals)])
+    ax.set(xlabel="predicted", ylabel=f"true ({what})", title=f"confusion matrix: share of {what}")
+    for i in range(n):
+        for j in range(n):
+            color = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{shares[i, j]:.2f}", ha="center", va="center", color=color, fontsize=8)
     return _save(fig, out)
+
+
+def image_rows(
+    rows: list[tuple[str, list[np.ndarray]]],
+    headers: list[str],
+    out: Path,
+    legend: dict[str, tuple[int, ...]] | None = None,
+) -> Path:
+    """One row of uint8 (H, W, 3) images per ``(label, images)``, under column ``headers``
+    (e.g. image, truth, prediction); ``legend``: name -> RGB of the colours drawn."""
+    columns = len(headers)
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(2.2 * columns, 2.2 * len(rows)), squeeze=False
+    )
+    for (label, images), row in zip(rows, axes):
+        for ax, image in zip(row, images):
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(label, fontsize=8)
+    for ax, header in zip(axes[0], headers):
+        ax.set_title(header, fontsize=9)
+    return _save(fig, out, legend)
+
+
+def _legend(fig, colours: dict[str, tuple[int, ...]]) -> float:
+    """Colour patches under the figure; the share of its height they take."""
+    handles = [Patch(color=np.asarray(rgb) / 255, label=name) for name, rgb in colours.items()]
+    columns = min(len(handles), 6)
+    fig.legend(handles=handles, loc="lower center", ncols=columns, fontsize=8, frameon=False)
+    inches = 0.25 * -(-len(handles) // columns) + 0.1  # a line per row of patches
+    return min(inches / fig.get_figheight(), 0.5)
 
 
 def sweep_curves(histories: dict[str, list[dict[str, Any]]], metric: str, out: Path) -> Path:
@@ -157,9 +215,9 @@ def compression_tradeoff(rows: list[dict[str, Any]], out: Path) -> Path:
     return _save(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def _save(fig, out: Path, legend: dict[str, tuple[int, ...]] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, _legend(fig, legend) if legend else 0, 1, 1))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -1,20 +1,20 @@
-"""``raycv predict``: a trained model's classes for image files, in batches, with Ray Data.
+"""``raycv predict``: a trained model's outputs for image files, in batches, with Ray Data.
 
 Every non-hidden file under the given paths (folders are walked recursively) becomes one
 row; files that are not readable images are reported, not fatal. The steps are those of
-evaluation: ``raycv.data.images.decode`` to the working size, the eval preset, the model
-(an actor pool, one GPU per actor when the cluster has GPUs).
+evaluation: ``raycv.data.images.decode`` to the working size (the whole image squeezed
+into the square where the task scores whole frames), the eval preset, the model (an actor
+pool, one GPU per actor when the cluster has GPUs), then the task's own per-file work.
 
 The predict run folder holds ``predictions.parquet`` and ``predictions.csv``, one row per
-file in the order the files were listed, with the columns:
+file in the order the files were listed, with the columns ``path``, the task's own and
+``error`` (``""`` for a good image, else why the file could not be read). In the CSV, list
+cells are ``;``-joined. What the task writes (``Task.prediction_writer``):
 
-* ``path``: the file.
-* ``class``: the top-1 class name; ``""`` for a bad file.
-* ``score``: its softmax probability; NaN for a bad file (an empty cell in the CSV).
-* ``top_classes`` / ``top_scores``: the ``top_k`` best classes and their probabilities,
-  best first. Lists (``list<string>``, ``list<double>``) in Parquet, ``;``-joined strings
-  in the CSV; empty for a bad file.
-* ``error``: ``""`` for a good image, else why the file could not be read.
+* classification (``TopKWriter``): ``class``, ``score``, ``top_classes``, ``top_scores``;
+* segmentation (``MaskWriter``): ``masks/<name>.png`` (class ids at the file's own size)
+  and ``overlays/<name>.jpg`` per file, and the columns ``mask``, ``overlay`` and
+  ``area/<class>`` (each class's share of the image).
 
 Local paths must be readable by every Ray node: on a multi-node cluster, keep the images
 (and the checkpoint) on shared storage.
@@ -27,7 +27,6 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +43,8 @@ from raycv.data.images import decode_batch
 from raycv.errors import DataError
 from raycv.runs import RunFolder, write_manifest
 from raycv.session import ensure_ray
+from raycv.tasks import TASKS, build_task
+from raycv.tasks.base import PredictionWriter
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ def run_predict(
     batch_size: int = 64,
     run: RunFolder | None = None,
 ) -> RunFolder:
-    """Predict the class of every file under ``paths`` with the model of ``artifact`` (any
-    run folder, checkpoint folder or checkpoint file); returns the run folder."""
+    """Predict every file under ``paths`` with the model of ``artifact`` (any run folder,
+    checkpoint folder or checkpoint file); returns the run folder. ``top_k``: classes kept
+    per image, where the task ranks classes."""
     file = checkpoint_file(artifact).resolve()
     saved = load_checkpoint(file)  # the driver needs only the config and the class names
     cfg, class_names = from_dict(saved["config"]), list(saved["class_names"])
@@ -73,7 +75,6 @@ def run_predict(
         raise ValueError(f"top_k must be at least 1 (got {top_k})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
-    top_k = min(top_k, len(class_names))
     files = list_files(paths)
 
     ensure_ray(cfg)
@@ -82,8 +83,12 @@ def run_predict(
     if not run.config.is_file():
         run.config.write_text(dump_config(cfg))
     write_manifest(run, cfg, "running", kind="predict", parent=str(file))
+    writer = build_task(cfg, class_names).prediction_writer(files, run.path, top_k)
     try:
-        table = _table(_predictions(files, file, cfg, top_k, batch_size), files, class_names)
+        outputs = _predictions(files, file, cfg, writer, batch_size)
+        for batch in outputs.iter_batches(batch_format="numpy", batch_size=None):
+            writer.collect(batch)  # the task's files are written as their batches come
+        table = writer.table()
         pq.write_table(table, run.path / PARQUET_FILE)
         _csv(table).to_csv(run.path / CSV_FILE, index=False)
     except Exception as e:  # the run folder says why before the error reaches the caller
@@ -105,9 +110,13 @@ def run_predict(
         "finished",
         {
             "counts": {"files": len(files), "predicted": len(files) - len(bad), "bad": len(bad)},
-            "top_k": top_k,
+            **writer.settings,
             "inputs": [str(p) for p in paths],
-            "paths": {"predictions_parquet": PARQUET_FILE, "predictions_csv": CSV_FILE},
+            "paths": {
+                "predictions_parquet": PARQUET_FILE,
+                "predictions_csv": CSV_FILE,
+                **writer.paths,
+            },
         },
         kind="predict",
         parent=str(file),
@@ -145,9 +154,14 @@ def list_files(paths: list[str]) -> list[str]:
 
 
 def _predictions(
-    files: list[str], checkpoint_path: Path, cfg: Config, top_k: int, batch_size: int
+    files: list[str],
+    checkpoint_path: Path,
+    cfg: Config,
+    writer: PredictionWriter,
+    batch_size: int,
 ) -> ray.data.Dataset:
-    """Read, decode, preprocess (tasks) and classify (an actor pool) every file."""
+    """Read, decode, preprocess (tasks), run the model (an actor pool) and the task's
+    per-file work (tasks) on every file."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = min(gpus, MAX_ACTORS) if gpus else MAX_CPU_ACTORS
     actors = min(pool, math.ceil(len(files) / batch_size))  # no model copy left idle
@@ -158,96 +172,72 @@ def _predictions(
         actors,
         "GPU" if gpus else "CPU",
     )
+    whole = TASKS.get(cfg.task).whole_frame
     ds = ray.data.read_binary_files(files, include_paths=True)
-    ds = ds.map_batches(_Decode(cfg.working_size), batch_size=batch_size)
+    ds = ds.map_batches(_Decode(cfg.working_size, whole), batch_size=batch_size)
     ds = ds.map_batches(
-        build_preset(cfg.augment.eval_preset, cfg.augment, cfg.model.image_size),
+        build_preset(cfg.augment.eval_preset, cfg.augment, cfg.model.image_size, whole_frame=whole),
         batch_size=batch_size,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         _Predictor,
         fn_constructor_kwargs={
             "checkpoint_path": str(checkpoint_path),
-            "top_k": top_k,
+            "writer": writer,
             "gpu": gpus > 0,
         },
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0,
     )
+    return ds if writer.render is None else ds.map_batches(writer.render, batch_size=None)
 
 
 @dataclass(frozen=True)
 class _Decode:
-    """Ray Data batch function: file bytes -> images at the working size; bad files flagged."""
+    """Ray Data batch function: file bytes -> images at the working size (centre-cropped,
+    or ``whole`` images squeezed into the square); bad files flagged."""
 
     size: int
+    whole: bool
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, _, errors = decode_batch(batch["bytes"], batch["path"], self.size)
+        images, _, errors = decode_batch(batch["bytes"], batch["path"], self.size, self.whole)
         return {"image": images, "path": batch["path"], "error": errors}
 
 
 class _Predictor:
-    """Ray Data actor: preprocessed images -> top-k class indices and probabilities.
+    """Ray Data actor: preprocessed images -> the task's columns (``writer.columns``).
 
     Loads the model itself from the checkpoint file, so each actor reads the weights once
     instead of receiving a pickled model with every task."""
 
-    def __init__(self, checkpoint_path: str, top_k: int, gpu: bool) -> None:
+    def __init__(self, checkpoint_path: str, writer: PredictionWriter, gpu: bool) -> None:
         self.device = torch.device("cuda" if gpu else "cpu")
-        self.model = load_trained(checkpoint_path).model.to(self.device)
-        self.top_k = top_k
+        trained = load_trained(checkpoint_path)
+        self.model = trained.model.to(self.device)
+        self.task = build_task(trained.config, trained.class_names)
+        self.writer = writer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray may hand over read-only views of its object store; torch needs a writable array.
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
         with torch.inference_mode():
-            probs = self.model(images.to(self.device)).float().softmax(dim=1)
-            scores, indices = probs.topk(self.top_k, dim=1)
-        bad = batch["error"] != ""
-        scores, indices = scores.cpu().numpy(), indices.cpu().numpy()
-        scores[bad], indices[bad] = np.nan, -1
+            outputs = self.task.forward(self.model, {"image": images.to(self.device)})
+            logits = self.task.logits(outputs).float()
         return {
             "path": batch["path"],
-            "top_index": indices,
-            "top_score": scores,
             "error": batch["error"],
+            **self.writer.columns(logits, batch["error"] != ""),
         }
-
-
-def _table(ds: ray.data.Dataset, files: list[str], class_names: list[str]) -> pa.Table:
-    """The predictions, one row per file in listing order, with class names and lists."""
-    rows: dict[str, dict[str, Any]] = {}
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        for path, indices, scores, error in zip(
-            batch["path"], batch["top_index"], batch["top_score"], batch["error"]
-        ):
-            rows[str(path)] = {"indices": indices, "scores": scores, "error": str(error)}
-    missing = [f for f in files if f not in rows]
-    if missing:  # every file is read and flagged, so this means a path was rewritten
-        raise RuntimeError(f"{len(missing)} files got no prediction, e.g. {missing[0]}")
-    top_classes, top_scores, error = [], [], []
-    for f in files:
-        row = rows[f]
-        good = not row["error"]
-        top_classes.append([class_names[i] for i in row["indices"]] if good else [])
-        top_scores.append([float(s) for s in row["scores"]] if good else [])
-        error.append(row["error"])
-    return pa.table(
-        {
-            "path": pa.array(files, pa.string()),
-            "class": pa.array([c[0] if c else "" for c in top_classes], pa.string()),
-            "score": pa.array([s[0] if s else math.nan for s in top_scores], pa.float64()),
-            "top_classes": pa.array(top_classes, pa.list_(pa.string())),
-            "top_scores": pa.array(top_scores, pa.list_(pa.float64())),
-            "error": pa.array(error, pa.string()),
-        }
-    )
 
 
 def _csv(table: pa.Table) -> pd.DataFrame:
+    """The table as the CSV shows it: list cells ``;``-joined, numbers in them to 6
+    significant digits."""
     frame = table.to_pandas()
-    frame["top_classes"] = [";".join(c) for c in frame["top_classes"]]
-    frame["top_scores"] = [";".join(f"{s:.6g}" for s in scores) for scores in frame["top_scores"]]
+    for column in table.schema:
+        if pa.types.is_list(column.type):
+            text = "{:.6g}".format if pa.types.is_floating(column.type.value_type) else str
+            frame[column.name] = [";".join(map(text, cell)) for cell in frame[column.name]]
     return frame

@@ -147,7 +147,8 @@ def test_unknown_model_lists_every_registered_model():
 
 def test_unknown_data_source_lists_the_sources():
     message = config_error({}, ["data.source=imagenet"])
-    assert message == "data.source='imagenet' is unknown; choose one of: folder, mask_folder, shapes"
+    known = "folder, mask_folder, shapes"
+    assert message == f"data.source='imagenet' is unknown; choose one of: {known}"
 
 
 def test_folder_source_needs_an_existing_root(tmp_path):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from raycv.config import from_dict
 from raycv.tasks import build_task, total
-from raycv.tasks.segmentation import segmentation_scores
+from raycv.tasks.iou import segmentation_scores
 
 CLASSES = ["background", "circle", "square"]
 

@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from raycv.artifacts import load_trained, read_manifest
-from raycv.evaluate import Mistake, accuracy_report, predictions, streams_for, worst_mistakes
+from raycv.evaluate import (
+    Mistake,
+    accuracy_report,
+    feed,
+    predictions,
+    streams_for,
+    worst_mistakes,
+)
+from raycv.tasks import build_task
+from raycv.tasks.base import EvalResult
 
 MISTAKES = 16  # worst mistakes shown
 
@@ -21,8 +30,10 @@ class Evaluation:
     stage: str  # the pipeline stage whose model it is
     checkpoint: Path
     class_names: list[str]
-    matrix: np.ndarray  # confusion matrix, rows are true classes
+    matrix: np.ndarray | None  # confusion matrix of images, rows are true classes
     mistakes: list[Mistake]
+    result: EvalResult | None = None  # a task without per-image labels: its own eval report
+    folder: Path | None = None  # where that report drew its pictures
 
     @property
     def num_images(self) -> int:
@@ -38,8 +49,10 @@ class Evaluation:
 
 
 def evaluate_final(pipeline_dir: str | Path, mistakes: int = MISTAKES) -> Evaluation:
-    """Confusion matrix and worst mistakes of the pipeline's final model, on the validation
-    split of that model's own config (one pass over the data). Starts or joins Ray."""
+    """The pipeline's final model on the validation split of that model's own config (one
+    pass over the data). Starts or joins Ray. Per-image labels give the confusion matrix
+    and the worst mistakes; any other task's own eval report (``Task.eval_report``) is
+    written under ``report/final_eval/`` and shown as it is."""
     pipeline_dir = Path(pipeline_dir)
     final = (read_manifest(pipeline_dir) or {}).get("final_model")
     if not final:
@@ -49,9 +62,18 @@ def evaluate_final(pipeline_dir: str | Path, mistakes: int = MISTAKES) -> Evalua
         )
     trained = load_trained(pipeline_dir / final)
     cfg = trained.config
+    streams = streams_for(trained, cfg)
+    task = build_task(cfg, streams.class_names)
+    if "label" not in task.targets:
+        report = task.eval_report(cfg.augment)
+        feed(report, task, trained.model, streams.val, cfg.train.batch_size)
+        folder = pipeline_dir / "report" / "final_eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        result = report.write(folder)
+        return Evaluation(final, trained.checkpoint, trained.class_names, None, [], result, folder)
     preds = predictions(
         trained.model,
-        streams_for(trained, cfg).val,
+        streams.val,
         cfg.train.batch_size,
         augment=cfg.augment,
         keep_mistakes=mistakes,

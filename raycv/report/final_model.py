@@ -31,6 +31,8 @@ def final_model(pipeline: PipelineFolder) -> str:
             "for the confusion matrix, per-class accuracy and the worst mistakes."
         )
         return "\n\n".join(parts)
+    if ev.result is not None:
+        return "\n\n".join(parts + _task_report(pipeline, ev))
     drawn = plots.confusion_matrix(ev.matrix, ev.class_names, pipeline.images_dir / "confusion.png")
     parts += [
         f"Evaluated again on its validation split: {fmt_pct(ev.accuracy)} of {ev.num_images} "
@@ -81,3 +83,18 @@ def _mistakes(pipeline: PipelineFolder, ev: Evaluation) -> str:
     ]
     parts.append(md.table(["Rank", "True", "Predicted", "Score"], rows, right={0, 3}))
     return "\n\n".join(parts)
+
+
+def _task_report(pipeline: PipelineFolder, ev: Evaluation) -> list[str]:
+    """The task's own eval report (``Task.eval_report``): its summary and its pictures."""
+    result = ev.result
+    parts = [
+        f"Evaluated again on its validation split, checkpoint "
+        f"{md.code(relative(ev.checkpoint, pipeline.path))}:",
+        "```\n" + result.summary + "\n```",
+    ]
+    for key, rel in result.paths.items():
+        picture = ev.folder / rel
+        if picture.suffix == ".png" and picture.is_file():
+            parts.append(pipeline.figure(f"final_{key}", picture, key.replace("_", " ")))
+    return parts

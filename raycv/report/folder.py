@@ -39,6 +39,11 @@ class Stage:
     def final(self) -> dict[str, Any]:
         return ((self.manifest or {}).get("metrics") or {}).get("final") or {}
 
+    def metric(self, default: str) -> str:
+        """The metric this stage ranked by: a pretrained classifier's val_acc inside a
+        segmentation pipeline, else the pipeline's ``default``."""
+        return (self.manifest or {}).get("metric") or default
+
     def history(self) -> list[dict[str, Any]]:
         return read_metrics(self.folder / "metrics.jsonl")
 

@@ -74,12 +74,18 @@ def _stage_row(pipeline: PipelineFolder, stage: Stage) -> list[str]:
     return [
         *named,
         fmt_duration(stage.elapsed_s),
-        fmt_pct(best.get(pipeline.metric)),
+        _score(best, stage.metric(pipeline.metric), pipeline.metric),
         params,
         fmt_count(best.get("macs")),
         fmt_ms(best.get("latency_ms")),
         _folder_link(pipeline, stage),
     ]
+
+
+def _score(best: dict, metric: str, column: str) -> str:
+    """The stage's best score, named when it is not the column's metric."""
+    value = fmt_pct(best.get(metric))
+    return value if metric == column or value == DASH else f"{value} ({md.text(metric)})"
 
 
 def _folder_link(pipeline: PipelineFolder, stage: Stage) -> str:
@@ -99,7 +105,7 @@ def learning_curves(pipeline: PipelineFolder) -> str:
         if image is None and stage.ran and (history := stage.history()):
             image = plots.training_curves(history, pipeline.images_dir / f"curves_{name}.png")
         if image is not None:
-            caption = f"{name}: loss and accuracy per epoch"
+            caption = f"{name}: loss and metrics per epoch"
             parts += [f"### {name}", pipeline.figure(f"curves_{name}", image, caption)]
     if len(parts) == 1:
         parts.append("No training stage has finished an epoch yet.")

@@ -99,12 +99,13 @@ def _pretrain_note(pipeline: PipelineFolder) -> str:
             "fine-tuned model starts from the weights named in its config."
         )
     cfg = pretrain.config()
+    metric = pretrain.metric(pipeline.metric)
     model = (cfg.get("model") or {}).get("name", pipeline.manifest.get("model", "the model"))
     epochs = (cfg.get("train") or {}).get("epochs")
     return (
         f"The pretrained weights come from the {md.code('pretrain/')} stage: "
         f"{md.text(model)} trained for {epochs or DASH} epochs on {md.text(_data(cfg))}, "
-        f"best {pipeline.metric_name} {fmt_pct(pretrain.best.get(pipeline.metric))}."
+        f"best {md.text(metric)} {fmt_pct(pretrain.best.get(metric))}."
     )
 
 

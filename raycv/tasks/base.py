@@ -10,14 +10,22 @@ which knows its shape (logits, a dict of maps, Inception's named tuple)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from raycv.registry import Registry
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from raycv.config import AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,74 @@ class SummedEvaluator:
             self.sums = sums.cpu()
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``raycv eval`` records: ``metrics`` (metrics.json and the manifest), the
+    ``paths`` of the pictures written, relative to the run folder, and ``summary``: the
+    table the log shows."""
+
+    metrics: dict[str, Any]
+    paths: dict[str, str]
+    summary: str
+
+
+class EvalReport(Protocol):
+    """``raycv eval``'s one pass over the validation split, in the driver."""
+
+    def process(self, batch: dict[str, np.ndarray], logits: torch.Tensor) -> None:
+        """A prepared NumPy batch (``image`` and the ``targets``) and the model's logits."""
+
+    def write(self, folder: Path) -> EvalResult:
+        """Draw the pictures into the eval run ``folder``; what to record."""
+
+
+class PredictionWriter(Protocol):
+    """``raycv predict``'s outputs, made in three places: ``columns`` in the model actors,
+    ``render`` (None: nothing to do) in Ray Data tasks after them, for per-file work that
+    needs no model, and ``collect`` in the driver, batch by batch (files written as they
+    come), then ``table``: one row per file, in listing order."""
+
+    render: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None
+    paths: dict[str, str]  # outputs beside the tables, relative to the run folder
+    settings: dict[str, Any]  # what shaped the outputs (top_k), for the manifest
+
+    def columns(self, logits: torch.Tensor, bad: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-row NumPy columns from a batch's logits; rows where ``bad`` have no image."""
+
+    def collect(self, batch: dict[str, np.ndarray]) -> None:
+        """A batch of results: ``path``, ``error`` and what ``columns``/``render`` gave."""
+
+    def table(self) -> pa.Table:
+        """``path``, the task's columns and ``error`` ("" for a good file), per file."""
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """A task's export signature (raycv/export.py): the shapes of the input ``image`` and
+    the output ``logits``, a name where a dimension is dynamic, and the (height, width) of
+    the batches that check the files against PyTorch (more than one: dynamic sides)."""
+
+    input_shape: tuple[int | str, ...]
+    output_shape: tuple[int | str, ...]
+    output_meaning: str  # for the model card
+    check_sides: tuple[tuple[int, int], ...]
+
+    @property
+    def dynamic(self) -> dict[int, str]:
+        """Input dimension -> its name, for each dynamic one."""
+        return {i: d for i, d in enumerate(self.input_shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class Preview:
+    """``raycv data preview``'s pictures: uint8 (N, H, W, 3) images with their targets drawn
+    on, a title each, and the colours drawn (name -> RGB; None: none)."""
+
+    images: np.ndarray
+    titles: list[str]
+    legend: dict[str, tuple[int, ...]] | None = None
+
+
 class Task(Protocol):
     """What a task implements once (``raycv/tasks/<name>.py``, registered in ``TASKS``)."""
 
@@ -85,6 +161,19 @@ class Task(Protocol):
     ) -> torch.Tensor:
         """Soft-target loss between two ``logits`` outputs."""
 
+    def eval_report(self, augment: AugmentConfig) -> EvalReport:
+        """``raycv eval``'s metrics and pictures (``augment``: how images were normalised)."""
+
+    def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> PredictionWriter:
+        """``raycv predict``'s outputs for ``files``, written into the run ``folder``."""
+
+    def export_spec(self, image_size: int, side_multiple: int | None) -> ExportSpec:
+        """``raycv export``'s signature and checks for a model trained at ``image_size``
+        whose input sides must be multiples of ``side_multiple`` (None: any)."""
+
+    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+        """A prepared NumPy batch drawn for people, targets on the images."""
+
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -92,6 +181,14 @@ TASKS: Registry[type[Task]] = Registry("task")
 def build_task(cfg, class_names: list[str]) -> Task:
     """The single way in: ``build_task(cfg, class_names)``."""
     return TASKS.get(cfg.task)(class_names, cfg)
+
+
+def in_listing_order(rows: dict[str, Any], files: list[str]) -> list[Any]:
+    """``rows`` by path, in the order of ``files``; every file must have one."""
+    missing = [f for f in files if f not in rows]
+    if missing:  # every file is read and flagged, so this means a path was rewritten
+        raise RuntimeError(f"{len(missing)} files got no prediction, e.g. {missing[0]}")
+    return [rows[f] for f in files]
 
 
 def total(losses: dict[str, torch.Tensor]) -> torch.Tensor:

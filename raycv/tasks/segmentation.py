@@ -3,16 +3,33 @@ matrix that all-reduces exactly across workers."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from raycv.config import AugmentConfig
+from raycv.data.augment import denormalize
 from raycv.models import MODELS
-from raycv.tasks.base import TASKS, Metric, SummedEvaluator, soft_target_loss
+from raycv.overlays import classes_present, legend, overlay, palette
+from raycv.tasks.base import (
+    TASKS,
+    ExportSpec,
+    Metric,
+    Preview,
+    SummedEvaluator,
+    soft_target_loss,
+)
+from raycv.tasks.iou import segmentation_scores
+from raycv.tasks.segmentation_outputs import IoUReport, MaskWriter
+
+# The coarsest output stride of common encoders: a second export check size any model takes.
+EXPORT_STEP = 32
 
 
 class SegmentationEvaluator(SummedEvaluator):
@@ -47,25 +64,6 @@ class SegmentationEvaluator(SummedEvaluator):
             f"{prefix}_loss": (self.sums[0] / self.sums[1].clamp(min=1)).item(),
             **segmentation_scores(self.confusion, self.task.class_names, prefix),
         }
-
-
-def segmentation_scores(
-    confusion: torch.Tensor, class_names: list[str], prefix: str
-) -> dict[str, float]:
-    """mIoU, pixel accuracy and each class's IoU from a confusion matrix (rows: truth).
-    A class absent from both truth and prediction has no IoU and is left out of the mean,
-    as in torchvision's references."""
-    confusion = confusion.double()
-    hits = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - hits
-    iou = hits / union  # NaN where union == 0
-    out = {
-        f"{prefix}_miou": iou.nanmean().nan_to_num(0.0).item(),
-        f"{prefix}_pixel_acc": (hits.sum() / confusion.sum().clamp(min=1)).item(),
-    }
-    for name, value in zip(class_names, iou.tolist()):
-        out[f"{prefix}_iou/{name}"] = value
-    return out
 
 
 @TASKS.register("segmentation")
@@ -114,3 +112,31 @@ class Segmentation:
         self, student: torch.Tensor, teacher: torch.Tensor, temperature: float
     ) -> torch.Tensor:
         return soft_target_loss(student, teacher, temperature)  # per-pixel soft targets
+
+    def eval_report(self, augment: AugmentConfig) -> IoUReport:
+        return IoUReport(self, augment)
+
+    def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> MaskWriter:
+        return MaskWriter(self, files, folder)
+
+    def export_spec(self, image_size: int, side_multiple: int | None) -> ExportSpec:
+        """A class-score map the size of the input, whose height and width are dynamic:
+        checked at the training size and at a larger, non-square one."""
+        step = side_multiple or EXPORT_STEP
+        sides = f"multiples of {side_multiple}" if side_multiple else "any size"
+        return ExportSpec(
+            input_shape=("batch", 3, "height", "width"),
+            output_shape=("batch", len(self.class_names), "height", "width"),
+            output_meaning="unnormalised class scores per pixel in the order of classes; "
+            f"argmax over dimension 1 gives each pixel's class id. Height and width: "
+            f"{sides} (trained at {image_size}x{image_size})",
+            check_sides=((image_size, image_size), (image_size + step, image_size + 2 * step)),
+        )
+
+    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+        colours = palette(self.ignore_index)
+        images = denormalize(batch["image"], augment)
+        shown = np.stack([overlay(i, m, colours) for i, m in zip(images, batch["mask"])])
+        names = self.class_names
+        titles = [", ".join(classes_present(m, names)) or names[0] for m in batch["mask"]]
+        return Preview(shown, titles, legend(self.class_names, colours, self.ignore_index))
