@@ -1,7 +1,7 @@
 """End-to-end training images/s of ``raycv train`` vs the compute-only ceiling, and start-up.
 
 * ``ceiling``: a plain PyTorch loop in this process (the same model, image size, per-step batch
-  and SGD optimizer as the raycv runs, fp32) on preloaded random tensors: what the cores can do
+  and optimizer as the raycv runs, fp32) on preloaded random tensors: what the cores can do
   when data costs nothing.  Timed with torch threads = cores and with 1 thread (on a shared,
   oversubscribed machine OpenMP's barriers can make 2 threads slower than 1), before and after
   the raycv runs; the best of these is the ceiling (machine noise only pulls it down).
@@ -17,6 +17,10 @@ Run by hand, not in CI:
 
     python scripts/bench/train_throughput.py                      # 32 px, 1000 images, 3 epochs
     python scripts/bench/train_throughput.py --image-size 64 --num-images 4000 --epochs 5
+    python scripts/bench/train_throughput.py --config configs/seg_smoke.yaml   # segmentation
+
+The ceiling asks the config's task for its batch and loss (random masks for segmentation),
+so it times the same forward, loss and backward as the runs.
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train.batch_size: the global batch of one optimizer step, split over the "
         "workers; also the ceiling's batch (default 64)",
     )
-    p.add_argument("--model", default="resnet18", help="model.name (default resnet18)")
+    p.add_argument("--model", help="model.name (default: the config's)")
     p.add_argument(
         "--workers",
         default="1,2",
@@ -141,13 +145,13 @@ def overrides(args: argparse.Namespace, workers: int, storage: Path) -> list[str
         f"run.storage={storage}",
         f"data.shapes.num_images={args.num_images}",
         f"data.shapes.image_size={args.image_size}",
-        f"model.name={args.model}",
         f"model.image_size={args.image_size}",
         f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch_size}",
         "train.precision=fp32",
         f"scaling.num_workers={workers}",
         f"scaling.cpus_per_worker={cpus:g}",
+        *([f"model.name={args.model}"] if args.model else []),
     ]
 
 
@@ -157,24 +161,27 @@ def overrides(args: argparse.Namespace, workers: int, storage: Path) -> list[str
 def ceiling(cfg, threads: int, steps: int, warmup: int) -> dict[str, float]:
     """Images/s of forward + loss + backward + SGD step on preloaded random tensors."""
     import torch
-    import torch.nn.functional as F
 
+    from raycv.data.shapes import class_names
     from raycv.models import create_model
     from raycv.optim import build_optimizer
+    from raycv.tasks import TASKS, build_task, total
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     size, batch = cfg.model.image_size, cfg.train.batch_size
-    classes = cfg.data.shapes.num_classes
-    model = create_model(cfg.model.name, classes, cfg.model.weights, size).train()
+    names = class_names(cfg.data.shapes.num_classes, cfg.data.shapes.classes)
+    if "mask" in TASKS.get(cfg.task).targets:
+        names = ["background", *names]  # as the shapes source names them
+    task = build_task(cfg, names)
+    m = cfg.model
+    model = create_model(m.name, len(names), m.weights, size, m.encoder).train()
     optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer.lr)
-    batches = [
-        (torch.randn(batch, 3, size, size), torch.randint(classes, (batch,))) for _ in range(4)
-    ]
+    batches = [random_batch(task.targets, len(names), batch, size) for _ in range(4)]
 
     def step(i: int) -> None:
-        images, labels = batches[i % len(batches)]
-        loss = F.cross_entropy(model(images), labels, label_smoothing=cfg.train.label_smoothing)
+        batch_i = batches[i % len(batches)]
+        loss = total(task.loss(task.forward(model, batch_i), batch_i))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -190,6 +197,18 @@ def ceiling(cfg, threads: int, steps: int, warmup: int) -> dict[str, float]:
         "seconds": seconds,
         "images_per_s": steps * batch / seconds,
         "torch_threads": torch.get_num_threads(),
+    }
+
+
+def random_batch(targets: tuple[str, ...], classes: int, batch: int, size: int) -> dict:
+    """Random images with the task's target columns, shaped as the loop receives them."""
+    import torch
+
+    shapes = {"label": (batch,), "mask": (batch, size, size)}
+    dtypes = {"label": torch.int64, "mask": torch.uint8}
+    return {
+        "image": torch.randn(batch, 3, size, size),
+        **{t: torch.randint(classes, shapes[t], dtype=dtypes[t]) for t in targets},
     }
 
 
@@ -297,6 +316,8 @@ def run(args: argparse.Namespace, storage: Path) -> dict[str, Any]:
     for r in runs.values():
         r["raycv"]["vs_ceiling"] = results.ratio(r["raycv"].get("images_per_s"), best)
     return {
+        "model": first.model.name,
+        "task": first.task,
         "ceiling": {
             "images_per_s": best,
             "by_threads": torch_threads,
@@ -354,7 +375,8 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         f"goal: raycv >= {GOAL}x the best ceiling: " + (", ".join(verdicts) or "no run finished"),
         f"raycv: median over epoch{'s 2-' if args.epochs > 2 else ' '}{args.epochs}; "
         f"ceiling: better of before/after, {args.ceiling_steps} steps each; "
-        f"{args.model}, {args.image_size} px, global batch {args.batch_size}, fp32, SGD",
+        f"{out['model']} ({out['task']}), {args.image_size} px, global batch "
+        f"{args.batch_size}, fp32, the config's optimizer",
         "",
         results.table(
             [
