@@ -539,6 +539,10 @@ def _fill_task_defaults(cfg: Config) -> None:
             section.mode = (
                 primary.mode if section.metric == primary.name else _mode_of(section.metric)
             )
+    task = TASKS.get(cfg.task)
+    if "name" not in cfg.model.model_fields_set and MODELS.get(cfg.model.name).task != cfg.task:
+        cfg.model.name = task.default_model
+        cfg.model.model_fields_set.discard("name")  # still a default: a fine-tune source may set it
     spec = MODELS.get(cfg.model.name)
     if spec.task != cfg.task:
         fits = [n for n in MODELS if MODELS.get(n).task == cfg.task]

@@ -404,3 +404,22 @@ def test_cli_unknown_flag_exits_2(tmp_path):
     assert "unrecognized arguments: --bogus" in result.stderr
     assert result.stderr.rstrip().endswith("(see raycv COMMAND --help)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_task_picks_its_model_and_metric_when_the_config_names_none():
+    cfg = from_dict({"task": "segmentation"})
+    assert cfg.model.name == "unet"
+    assert (cfg.checkpoint.metric, cfg.checkpoint.mode) == ("val_miou", "max")
+    assert (cfg.tune.objective.metric, cfg.tune.objective.mode) == ("val_miou", "max")
+    given = from_dict({"task": "segmentation", "checkpoint": {"metric": "val_loss"}})
+    assert given.checkpoint.mode == "min"  # a loss falls as models improve
+
+
+def test_a_model_of_another_task_is_refused_naming_the_task_s_models():
+    message = config_error({}, ["task=segmentation", "model.name=resnet18"])
+    assert message.startswith("model.name=resnet18 is a classification model, the task is ")
+    assert "unet" in message and "deeplabv3_mobilenet_v3_large" in message
+    message = config_error({}, ["task=segmentation", "model.encoder=resnet19"])
+    assert message.startswith("model.encoder='resnet19' is unknown; e.g. resnet")
+    message = config_error({}, ["model.encoder=resnet18"])
+    assert message == "model.encoder is for unet, pspnet and deeplabv3plus, not resnet18"

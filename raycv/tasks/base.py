@@ -142,6 +142,7 @@ class Task(Protocol):
     targets: ClassVar[tuple[str, ...]]  # batch columns besides "image" (as sources cache them)
     primary: ClassVar[Metric]  # default of checkpoint.metric, tune.objective.metric, reports
     whole_frame: ClassVar[bool]  # evaluation sees the whole image, not a centre crop
+    default_model: ClassVar[str]  # model.name when the config names none
 
     def __init__(self, class_names: list[str], cfg) -> None: ...
 

@@ -75,6 +75,7 @@ class Segmentation:
     targets: ClassVar[tuple[str, ...]] = ("mask",)
     primary: ClassVar[Metric] = Metric("val_miou", "max")
     whole_frame: ClassVar[bool] = True
+    default_model: ClassVar[str] = "unet"  # model.name when the config names none
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)
