@@ -48,7 +48,8 @@ def by_cost(names) -> list:
 def task_for(name: str, **train):
     """The task of ``name``'s registry entry, built from a config of that model."""
     spec = MODELS.get(name)
-    raw = {"task": spec.task, "model": {"name": name}, "train": {"batch_size": 2, **train}}
+    model = {"name": name, "image_size": smallest_size(name)}
+    raw = {"task": spec.task, "model": model, "train": {"batch_size": 2, **train}}
     cfg = from_dict(raw)
     background = ["background"] if spec.task == "segmentation" else []
     return build_task(cfg, background + [f"c{i}" for i in range(NUM_CLASSES - len(background))])

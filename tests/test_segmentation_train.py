@@ -18,7 +18,7 @@ from raycv.train import run_train
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 6
+EPOCHS = 8  # six reached 0.36-0.40 val mIoU, against a background-only 0.19
 
 
 @pytest.fixture(scope="module")
