@@ -72,3 +72,22 @@ def test_checkpoint_holds_the_task_and_its_best_metric(seg_run):
     best = checkpoint.load(run.best)
     assert best["metrics"]["val_miou"] == manifest["metrics"]["best"]["val_miou"]
     assert cfg.checkpoint.metric == "val_miou" and cfg.tune.objective.metric == "val_miou"
+
+
+BALLOON = REPO.parent / "shared" / "data" / "balloon"
+
+
+@pytest.mark.skipif(not BALLOON.is_dir(), reason="needs ../shared/data/balloon (real photos)")
+def test_seg_folder_recipe_reads_real_photos_as_it_is(ray_local, tmp_path):
+    """configs/seg_folder.yaml on the balloon photos with nothing set but the root (and one
+    epoch): the layout, classes and masks are found, and a val mIoU is recorded."""
+    cfg = load_config(
+        REPO / "configs" / "seg_folder.yaml",
+        [f"data.mask_folder.root={BALLOON}", "train.epochs=1", f"run.storage={tmp_path}"],
+    )
+    run = run_train(cfg, local=True)
+    (row,) = read_metrics(run.metrics)
+    assert 0 <= row["val_miou"] <= 1 and "val_iou/balloon" in row
+    manifest = json.loads(run.manifest.read_text())
+    assert manifest["skipped_files"] == []
+    assert checkpoint.load(run.best)["class_names"] == ["background", "balloon"]
