@@ -287,7 +287,7 @@ def test_resolved_config_round_trips(tmp_path, shapes_cfg):
 
 
 # Recipes for a user's own data leave its place to the command line.
-USER_DATA = {"folder.yaml": "data.folder.root"}
+USER_DATA = {"folder.yaml": "data.folder.root", "seg_folder.yaml": "data.mask_folder.root"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -304,7 +304,12 @@ def test_every_shipped_config_validates(path, tmp_path):
 
 
 def test_shipped_configs_exist():
-    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "smoke.yaml"}
+    assert {p.name for p in CONFIGS} >= {
+        "quickstart.yaml",
+        "smoke.yaml",
+        "seg_smoke.yaml",
+        "seg_folder.yaml",
+    }
 
 
 def test_config_errors_do_not_start_ray():
