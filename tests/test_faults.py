@@ -122,6 +122,24 @@ def _alive(class_name: str, timeout: float = 60.0) -> list[_Actor]:
         time.sleep(0.5)
 
 
+def _titled(cluster: Cluster, prefix: str) -> list[int]:
+    """The pids of this cluster's workers whose process title starts with ``prefix``. Read
+    from /proc: in a full CI run the GCS actor table answered without the trial's actor for
+    420 s while it trained. Every node here is a local raylet, the parent of its workers;
+    asking for that parent keeps out the workers of another test's Ray on this machine."""
+    raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+        if title.startswith(prefix) and parent in raylets:
+            pids.append(int(proc.name))
+    return pids
+
+
 def _inject(metrics: Path, fault: Callable[[], None]) -> tuple[list[dict], float]:
     """Run ``fault`` a moment into the next epoch; the epochs recorded by then, and when."""
     time.sleep(1.0)  # into the epoch, not at its very start
@@ -216,13 +234,11 @@ def test_sweep_trial_killed_is_retried_from_its_checkpoint(cluster, smoke):
     def metrics() -> Path | None:
         return next(iter(storage.glob(f"{cfg.experiment}/tune-*/trials/*/metrics.jsonl")), None)
 
-    # Tune's actor that runs the trial function, found while epoch 1 runs: on a loaded
-    # machine the State API can lag by more than the epochs left after it.
-    (trial,) = _alive("ImplicitFunc", timeout=420)  # as long as _wait_for_epochs waits
     _wait_for_epochs(metrics, 1, job)
+    (trial,) = _titled(cluster, "ray::ImplicitFunc")  # Tune's actor that runs the trial function
 
     def kill_the_trial() -> None:
-        os.kill(trial.pid, signal.SIGKILL)
+        os.kill(trial, signal.SIGKILL)
 
     before, killed_at = _inject(metrics(), kill_the_trial)
     run = job.result()
