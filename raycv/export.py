@@ -104,7 +104,8 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
     }
     checkpoint.save(run.path, state, STATE_DICT_FILE)
     task = build_task(cfg, trained.class_names)
-    spec = task.export_spec(cfg.model.image_size, MODELS.get(cfg.model.name).patch)
+    model_spec = MODELS.get(cfg.model.name)
+    spec = task.export_spec(cfg.model.image_size, model_spec.patch, model_spec.dynamic_sides)
     exported = Logits(model, task).eval()
     started = time.perf_counter()
     try:

@@ -357,3 +357,25 @@ def test_export_has_dynamic_sides_that_match_pytorch(name, trained, tmp_path):
         "| val_miou | 0.5 |",
     ):
         assert needle in text, needle
+
+
+def test_pspnet_exports_at_its_training_size_and_matches_pytorch(tmp_path):
+    """PSPNet's pyramid pools do not survive ONNX with dynamic sides (onnxruntime failed on
+    any size but the traced one), so its registry entry fixes them: the export is shipped,
+    checked at the training size, and says so in its shapes."""
+    from raycv.export import run_export
+
+    cfg = seg_config(tmp_path / "runs", "pspnet")
+    torch.manual_seed(0)
+    model = create_model("pspnet", len(CLASSES), None, SIZE).eval()
+    run = run_export(save(tmp_path / "ckpt", cfg, model))
+    assert json.loads(run.manifest.read_text())["status"] == "finished"
+    onnx = run.path / "model.onnx"
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, SIZE, SIZE]
+    scripted = torch.jit.load(str(run.path / "model.torchscript.pt"))
+    expected, from_onnx, _ = outputs_at(model, SIZE, SIZE, onnx, scripted)
+    np.testing.assert_allclose(from_onnx, expected, atol=1e-4, rtol=0)
+    card = json.loads((run.path / "model_card.json").read_text())
+    assert card["input"]["shape"] == ["batch", 3, SIZE, SIZE]
+    assert "training size only" in card["output"]["meaning"]

@@ -38,6 +38,7 @@ class ModelSpec:
     channel_prunable: bool = True  # torch-pruning's channel pruner keeps its forward working
     aux_weight: float = 0.0  # weight of an auxiliary output's loss (segmentation)
     min_batch: int = 1  # smallest training batch per worker (BatchNorm after global pooling)
+    dynamic_sides: bool = True  # a segmenter's ONNX export takes any height and width
     encoder: str | None = None  # default segmentation-models-pytorch encoder; None: no encoder
     # Options that depend on the weights and input size (Inception's auxiliary head).
     options: Callable[[str | None, int | None], dict[str, Any]] | None = None

@@ -51,10 +51,13 @@ def smp_encoders() -> list[str]:
 # The side must divide by the encoder's total stride (smp checks it in forward).
 # Global pooling inside a BatchNorm block (ASPP, the pyramid pooling module) needs at least
 # two images per worker in training.
-for _name, _arch, _stride, _min_batch in (
-    ("unet", "unet", 32, 1),
-    ("pspnet", "pspnet", 8, 2),
-    ("deeplabv3plus", "deeplabv3plus", 16, 2),
+# PSPNet's pyramid pools to 2, 3 and 6 cells: the ONNX exporter turns those adaptive pools
+# into gathers fixed at the traced size, so onnxruntime fails on any other one; it is
+# exported at its training size only.
+for _name, _arch, _stride, _min_batch, _dynamic in (
+    ("unet", "unet", 32, 1, True),
+    ("pspnet", "pspnet", 8, 2, False),
+    ("deeplabv3plus", "deeplabv3plus", 16, 2, True),
 ):
     MODELS.add(
         _name,
@@ -64,6 +67,7 @@ for _name, _arch, _stride, _min_batch in (
             task="segmentation",
             patch=_stride,
             min_batch=_min_batch,
+            dynamic_sides=_dynamic,
             encoder="resnet18",
             build=smp_model,
             backbone=Backbone(None),

@@ -168,9 +168,12 @@ class Task(Protocol):
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> PredictionWriter:
         """``raycv predict``'s outputs for ``files``, written into the run ``folder``."""
 
-    def export_spec(self, image_size: int, side_multiple: int | None) -> ExportSpec:
+    def export_spec(
+        self, image_size: int, side_multiple: int | None, dynamic_sides: bool = True
+    ) -> ExportSpec:
         """``raycv export``'s signature and checks for a model trained at ``image_size``
-        whose input sides must be multiples of ``side_multiple`` (None: any)."""
+        whose input sides must be multiples of ``side_multiple`` (None: any);
+        ``dynamic_sides`` False: the model exports at its training size only."""
 
     def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
         """A prepared NumPy batch drawn for people, targets on the images."""

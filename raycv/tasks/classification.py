@@ -186,7 +186,9 @@ class Classification:
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> TopKWriter:
         return TopKWriter(self.class_names, files, top_k)
 
-    def export_spec(self, image_size: int, side_multiple: int | None) -> ExportSpec:
+    def export_spec(
+        self, image_size: int, side_multiple: int | None, dynamic_sides: bool = True
+    ) -> ExportSpec:
         """One class-score vector per image at the training size (the classifiers' pooling
         would take other sizes, but only this one is checked)."""
         return ExportSpec(

@@ -120,18 +120,27 @@ class Segmentation:
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> MaskWriter:
         return MaskWriter(self, files, folder)
 
-    def export_spec(self, image_size: int, side_multiple: int | None) -> ExportSpec:
-        """A class-score map the size of the input, whose height and width are dynamic:
-        checked at the training size and at a larger, non-square one."""
+    def export_spec(
+        self, image_size: int, side_multiple: int | None, dynamic_sides: bool = True
+    ) -> ExportSpec:
+        """A class-score map the size of the input. Dynamic height and width are checked at
+        the training size and at a larger, non-square one; fixed ones at the training size."""
         step = side_multiple or EXPORT_STEP
-        sides = f"multiples of {side_multiple}" if side_multiple else "any size"
+        if dynamic_sides:
+            sides = f"multiples of {side_multiple}" if side_multiple else "any size"
+            height, width = "height", "width"
+            checked = ((image_size, image_size), (image_size + step, image_size + 2 * step))
+        else:
+            sides = "fixed; this model exports at its training size only"
+            height = width = image_size
+            checked = ((image_size, image_size),)
         return ExportSpec(
-            input_shape=("batch", 3, "height", "width"),
-            output_shape=("batch", len(self.class_names), "height", "width"),
+            input_shape=("batch", 3, height, width),
+            output_shape=("batch", len(self.class_names), height, width),
             output_meaning="unnormalised class scores per pixel in the order of classes; "
             f"argmax over dimension 1 gives each pixel's class id. Height and width: "
             f"{sides} (trained at {image_size}x{image_size})",
-            check_sides=((image_size, image_size), (image_size + step, image_size + 2 * step)),
+            check_sides=checked,
         )
 
     def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
