@@ -309,6 +309,7 @@ def test_shipped_configs_exist():
         "smoke.yaml",
         "seg_smoke.yaml",
         "seg_folder.yaml",
+        "seg_quickstart.yaml",
     }
 
 

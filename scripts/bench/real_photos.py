@@ -91,18 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=REPO / "configs" / "folder.yaml",
         help="raycv config the raycv run starts from (default: configs/folder.yaml)",
     )
-    run.add_argument(
-        "--raycv-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an extra dotted override for raycv train, after the bench's own (repeatable)",
-    )
-    run.add_argument(
-        "--only",
-        choices=("seed", "raycv"),
-        help="run one method alone (debugging; the goal is then not checked)",
-    )
+    add_method_options(run, ("seed", "raycv"))
     # The seed recipe's own process: this file again, told when its command was launched.
     p.add_argument("--seed-recipe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
@@ -110,11 +99,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("image_size", "batch_size", "budget_s", "loader_workers"):
         if getattr(args, name) < (0 if name == "loader_workers" else 1):
             p.error(f"--{name.replace('_', '-')} is too small (got {getattr(args, name)})")
+    check_raycv_args(p, args)
+    results.check_photo_folder(args)
+    return args
+
+
+def add_method_options(group: argparse._ArgumentGroup, methods: tuple[str, ...]) -> None:
+    """--raycv-arg and --only, as every raycv-against-a-plain-loop bench takes them."""
+    group.add_argument(
+        "--raycv-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra dotted override for raycv train, after the bench's own (repeatable)",
+    )
+    group.add_argument(
+        "--only",
+        choices=methods,
+        help="run one method alone (debugging; the goal is then not checked)",
+    )
+
+
+def check_raycv_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     bad = [a for a in args.raycv_arg if "=" not in a]
     if bad:
         p.error(f"--raycv-arg takes KEY=VALUE, e.g. optimizer.lr=3e-3 (got {bad[0]!r})")
-    results.check_photo_folder(args)
-    return args
 
 
 # ---------------------------------------------------------------- the seed recipe (subprocess)
@@ -275,7 +284,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _failed(watched: dict[str, Any], logs: Path) -> str | None:
+def failed(watched: dict[str, Any], logs: Path) -> str | None:
     """The error of a command that exited non-zero on its own (not stopped by the bench)."""
     if watched["stopped_at_budget"] or watched["returncode"] == 0:
         return None
@@ -294,7 +303,7 @@ def run_seed(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     cmd += [f"--budget-s={args.budget_s}", f"--loader-workers={args.loader_workers}"]
     lines = SeedLines(logs / "stdout")
     watched = watch(cmd, launched, args.budget_s, lines.poll, logs)
-    return summarise(cmd, lines.epochs, watched, _failed(watched, logs), args.budget_s)
+    return summarise(cmd, lines.epochs, watched, failed(watched, logs), args.budget_s)
 
 
 def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
@@ -309,11 +318,11 @@ def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
     ]
 
 
-def raycv_command(args: argparse.Namespace, storage: Path) -> list[str]:
-    """``raycv train`` through the virtualenv's console script, else ``python -m raycv``."""
+def raycv_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """``raycv train args.config *overrides`` through the virtualenv's console script, else
+    ``python -m raycv``; the overrides checked first."""
     from raycv.config import ConfigError, load_config
 
-    overrides = raycv_overrides(args, storage)
     try:  # a typo fails here in a second, not after a launch that the budget pays for
         load_config(args.config, overrides)
     except (ConfigError, OSError, ValueError) as e:
@@ -325,11 +334,11 @@ def raycv_command(args: argparse.Namespace, storage: Path) -> list[str]:
 
 def run_raycv(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     storage = logs / "runs"
-    cmd = raycv_command(args, storage)
+    cmd = raycv_command(args, raycv_overrides(args, storage))
     launched = time.time()
     metrics = RaycvMetrics(storage, launched)
     watched = watch(cmd, launched, args.budget_s, metrics.poll, logs)
-    return summarise(cmd, metrics.epochs, watched, _failed(watched, logs), args.budget_s)
+    return summarise(cmd, metrics.epochs, watched, failed(watched, logs), args.budget_s)
 
 
 def summarise(
@@ -338,9 +347,11 @@ def summarise(
     watched: dict[str, Any],
     error: str | None,
     budget_s: float,
+    metric: str = "val_acc",
 ) -> dict[str, Any]:
+    """A method's epochs within the budget, its best by ``metric`` and its last."""
     counted = [e for e in epochs if e["seconds"] <= budget_s]
-    best = max(counted, key=lambda e: e["val_acc"], default=None)  # the earliest of ties
+    best = max(counted, key=lambda e: e[metric], default=None)  # the earliest of ties
     first = epochs[0] if epochs else {}
     return {
         "command": cmd,
@@ -348,6 +359,7 @@ def summarise(
         "error": error,
         "epochs_within_budget": len(counted),
         "best": best,
+        "last": counted[-1] if counted else None,
         "first_epoch_s": first.get("seconds"),
         "epoch1_started_s": first.get("epoch_started_s"),
         "epoch1_first_batch_s": first.get("first_batch_s"),
@@ -358,8 +370,12 @@ def summarise(
 # ---------------------------------------------------------------- driver
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
-    methods = {"seed": run_seed, "raycv": run_raycv}
+def run(
+    args: argparse.Namespace, tmp: Path, methods: dict[str, Callable] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each method (name -> function of args and its log folder) in turn; ``args.only``
+    runs one."""
+    methods = methods or {"seed": run_seed, "raycv": run_raycv}
     out = {}
     for name, method in methods.items():
         if args.only in (None, name):
@@ -416,32 +432,40 @@ def _accuracy(value: float | None) -> str:
     return "no epoch" if value is None else f"{value:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.seed_recipe:
-        seed_recipe(args)
-        return 0
+def measure(
+    args: argparse.Namespace,
+    run: Callable,
+    benchmark: str,
+    goal: dict[str, float],
+    title: str,
+    private: tuple[str, ...],
+) -> dict[str, dict[str, Any]]:
+    """``run(args, tmp)`` in a temporary folder, its results written to ``args.out`` with
+    the machine and the options (less the subprocess's ``private`` ones); prints the header."""
     results.setup_logging()
     info = results.machine()
     with tempfile.TemporaryDirectory(prefix="raycv-bench-") as tmp:
         out = run(args, Path(tmp))
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    data = {
-        "benchmark": "real_photos",
-        "machine": info,
-        "args": {
-            k: str(v) if isinstance(v, Path) else v
-            for k, v in vars(args).items()
-            if k not in ("seed_recipe", "launched_at")  # the subprocess's own options
-        },
-        "goal": {"raycv_minus_seed_val_acc": GOAL},
-        "methods": out,
+    options = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in private
     }
-    title = "Val accuracy in a wall-clock budget on real photos: raycv vs the seed recipe"
+    data = {"benchmark": benchmark, "machine": info, "args": options, "goal": goal}
+    results.write(args.out, data | {"methods": out})
     print(results.header(title, info))
     print()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.seed_recipe:
+        seed_recipe(args)
+        return 0
+    goal = {"raycv_minus_seed_val_acc": GOAL}
+    title = "Val accuracy in a wall-clock budget on real photos: raycv vs the seed recipe"
+    out = measure(args, run, "real_photos", goal, title, ("seed_recipe", "launched_at"))
     print(report(out, args))
-    results.write(args.out, data)
     return 1 if any(m["error"] for m in out.values()) else 0
 
 
