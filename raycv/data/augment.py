@@ -39,6 +39,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from raycv.config import AugmentConfig
+from raycv.data.boxes import warp_boxes
 from raycv.registry import Registry
 
 # Weights of torchvision's rgb_to_grayscale (ITU-R 601-2 luma), used by contrast and saturation.
@@ -186,13 +187,39 @@ class ClassicPreset(Preset):
         rng: np.random.Generator,
         aspect: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n, _, height, width = images.shape
-        theta = _draw_affine(rng, self.cfg, n, *true_sides(aspect, n, height, width))
+        theta = self._draw(images, rng, aspect)
         grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
-        out = _warp(images, grid).mul_(1 / 255)  # scaled after the warp: S*S pixels, not H*W
-        out = color_jitter(out, _draw_jitter(rng, self.cfg, n))
         masks = None if masks is None else warp_masks(masks, grid, self.ignore_index)
-        return _normalize(out, self.cfg), masks
+        return self._pixels(images, grid, rng), masks
+
+    def transform_boxes(
+        self,
+        images: torch.Tensor,
+        boxes: list[np.ndarray],
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
+        """``transform`` for images with their (K, 4) xyxy pixel boxes: each image's boxes
+        move through its own warp (``raycv.data.boxes.warp_boxes``); per image, the boxes
+        that stay and the mask of which stayed (to keep their labels)."""
+        _, _, height, width = images.shape
+        theta = self._draw(images, rng, aspect)
+        grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
+        moved = [warp_boxes(b, t, height, width, self.image_size) for b, t in zip(boxes, theta)]
+        return self._pixels(images, grid, rng), moved
+
+    def _draw(
+        self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None
+    ) -> np.ndarray:
+        n, _, height, width = images.shape
+        return _draw_affine(rng, self.cfg, n, *true_sides(aspect, n, height, width))
+
+    def _pixels(
+        self, images: torch.Tensor, grid: torch.Tensor, rng: np.random.Generator
+    ) -> torch.Tensor:
+        out = _warp(images, grid).mul_(1 / 255)  # scaled after the warp: S*S pixels, not H*W
+        out = color_jitter(out, _draw_jitter(rng, self.cfg, len(images)))
+        return _normalize(out, self.cfg)
 
 
 def true_sides(

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from raycv.data.boxes import mask_box
+
 # Polygon fill has no anti-aliasing; drawing at this factor and box-filtering
 # down keeps corners and thin arms readable on 32 px images.
 _SUPERSAMPLE = 4
@@ -363,12 +365,6 @@ def _visible_masks(stack: list[_Shape]) -> list[np.ndarray]:
     return masks[::-1]
 
 
-def _tight_box(mask: np.ndarray) -> list[int]:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
-
-
 def _paint(image: np.ndarray, shapes: list[_Shape]) -> None:
     for shape in shapes:
         alpha = shape.alpha[..., None]
@@ -391,7 +387,7 @@ def _annotations(stack: list[_Shape], main: _Shape) -> tuple[dict, np.ndarray]:
     ]
     masks = np.stack([visible[i] for i in keep]).astype(np.uint8)
     return {
-        "boxes": np.array([_tight_box(m) for m in masks], np.float32).reshape(-1, 4),
+        "boxes": np.array([mask_box(m) for m in masks], np.float32).reshape(-1, 4),
         "labels": np.array([stack[i].label for i in keep], np.int64),
         "masks": masks,
         "semantic": semantic,
