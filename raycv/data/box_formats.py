@@ -663,4 +663,3 @@ def _yolo_values(line: str) -> list[float] | None:
         return None
     good = len(values) == 5 and all(map(math.isfinite, values)) and values[0].is_integer()
     return values if good else None
-
