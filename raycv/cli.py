@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from raycv import verbosity
 from raycv.config import PIPELINE_STAGES, ConfigError, load_config, load_given, validate
 from raycv.errors import BadImageError, DataError, RunFailedError
 from raycv.resume import given_keys
@@ -17,9 +18,11 @@ OVERRIDES_HELP = "dotted config overrides, e.g. train.epochs=3 model.name=resnet
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    # Our progress at INFO; other libraries (the ONNX exporter's passes, ...) at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    log.setLevel(logging.INFO)
+    try:
+        verbosity.configure(args.verbose)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ours = not _ray_running()  # a Ray this command starts is stopped; a caller's is left alone
     try:
         run = args.handler(args)
@@ -70,6 +73,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Every command takes --verbose: a parent parser, so that it shows in each command's --help.
+VERBOSE = argparse.ArgumentParser(add_help=False)
+VERBOSE.add_argument(
+    "-v",
+    "--verbose",
+    action="store_true",
+    help="also print Ray's own start-up warnings and internal notices, and raycv's debug "
+    f"lines (the same as {verbosity.ENV}=debug)",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raycv", description="Train, evaluate and inspect vision models on Ray."
@@ -108,7 +122,10 @@ def _add_resume(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 def _add_train(sub) -> None:
     train = sub.add_parser(
-        "train", help="one Ray Train run", description="Train a model with Ray Train."
+        "train",
+        parents=[VERBOSE],
+        help="one Ray Train run",
+        description="Train a model with Ray Train.",
     )
     _add_config(train, "YAML config, e.g. configs/smoke.yaml")
     _add_local(train, "run the loop in this process (no worker processes; breakpoints work)")
@@ -123,6 +140,7 @@ def _add_train(sub) -> None:
 def _add_tune(sub) -> None:
     tune = sub.add_parser(
         "tune",
+        parents=[VERBOSE],
         help="a Ray Tune sweep whose trials are Ray Train runs",
         description="Search the config keys under tune.space (batch size, learning rate, "
         "pruning ratio, ...) with Ray Tune; each trial is a Ray Train run. Writes "
@@ -140,6 +158,7 @@ def _add_tune(sub) -> None:
 def _add_finetune(sub) -> None:
     finetune = sub.add_parser(
         "finetune",
+        parents=[VERBOSE],
         help="transfer learning from pretrained weights",
         description="Fine-tune pretrained weights on the config's data: the heads are "
         "replaced for the target classes, preprocessing follows the source unless the "
@@ -165,6 +184,7 @@ def _add_finetune(sub) -> None:
 def _add_compress(sub) -> None:
     compress = sub.add_parser(
         "compress",
+        parents=[VERBOSE],
         help="prune, quantize and distil a trained model, each variant measured",
         description="Make a trained model smaller and faster: train a distilled student "
         "(--student), prune it and fine-tune again (--prune; compress.steps rounds, "
@@ -214,6 +234,7 @@ def _add_compress(sub) -> None:
 def _add_pipeline(sub) -> None:
     pipeline = sub.add_parser(
         "pipeline",
+        parents=[VERBOSE],
         help="the whole chain: pretrain, sweep, fine-tune, compress, export, report",
         description="Run pretrain (pipeline.pretrain) -> sweep (tune.space) -> final "
         "fine-tune with the best config, and the same budget from scratch -> compression "
@@ -237,6 +258,7 @@ def _add_pipeline(sub) -> None:
 def _add_export(sub) -> None:
     export = sub.add_parser(
         "export",
+        parents=[VERBOSE],
         help="TorchScript, ONNX and a model card",
         description="Export a trained model as TorchScript and ONNX (both checked against "
         "PyTorch, ONNX with onnxruntime), plus its state dict and a model card. A "
@@ -249,6 +271,7 @@ def _add_export(sub) -> None:
 def _add_predict(sub) -> None:
     predict = sub.add_parser(
         "predict",
+        parents=[VERBOSE],
         help="batch inference over images or folders",
         description="Predict with Ray Data (an actor pool; GPU when the cluster has one): "
         "the top classes per image (classification), or a mask PNG, an overlay and the class "
@@ -267,6 +290,7 @@ def _add_predict(sub) -> None:
 def _add_eval(sub) -> None:
     ev = sub.add_parser(
         "eval",
+        parents=[VERBOSE],
         help="evaluate a checkpoint",
         description="Score a checkpoint on the validation split of a dataset: accuracy, "
         "per-class accuracy and a confusion matrix (classification); mIoU, pixel accuracy, "
@@ -288,6 +312,7 @@ def _add_data(sub) -> None:
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
     preview = data_sub.add_parser(
         "preview",
+        parents=[VERBOSE],
         help="PNG grid of augmented training samples",
         description="Write a PNG grid of augmented training samples, titled with their "
         "labels, or with their masks drawn over them (segmentation).",
@@ -300,6 +325,7 @@ def _add_data(sub) -> None:
 def _add_doctor(sub) -> None:
     doctor = sub.add_parser(
         "doctor",
+        parents=[VERBOSE],
         help="check that a config fits a cluster before running it",
         description="Check a config against a Ray cluster: whether its workers fit the "
         "nodes (scaling.*, placement strategy) with a CPU left for Ray Data, whether "

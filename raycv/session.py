@@ -7,10 +7,12 @@ import logging
 import math
 import os
 import socket
+import tempfile
 
 import ray
 import ray.data
 
+from raycv import verbosity
 from raycv.config import Config
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ def quiet_data_progress() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(max(logging.WARNING, verbosity.ray_level()))
 
 
 def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
@@ -43,14 +45,15 @@ def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(logging_level=verbosity.ray_level())
         return
     num_cpus = num_cpus or local_cpus(cfg)
-    start_local(num_cpus, cfg.run.dashboard_host)
-    log.info("started a local Ray with %s logical CPUs", num_cpus)
+    dashboard = start_local(num_cpus, cfg.run.dashboard_host)
+    log.info("started a local Ray with %s logical CPUs; dashboard: %s", num_cpus, dashboard)
+    verbosity.warn_if_disk_full(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()))
 
 
-def start_local(num_cpus: int, dashboard_host: str, **init_args) -> None:
+def start_local(num_cpus: int, dashboard_host: str, **init_args) -> str:
     """Start a local Ray whose processes can find their own cluster.
 
     Train's placement-group cleaner asks the State API with no address. A Ray started by
@@ -58,26 +61,21 @@ def start_local(num_cpus: int, dashboard_host: str, **init_args) -> None:
     gives up when it finds two (another local Ray on this machine): the placement groups
     of trials that ASHA stopped are never removed and the sweep waits forever for CPUs.
     The dashboard, which serves the State API, therefore gets a port picked here, and
-    every worker is told its URL."""
+    every worker is told its URL, which is returned."""
     port = free_port()
     reach = "127.0.0.1" if dashboard_host in ("0.0.0.0", "::", "localhost") else dashboard_host
     # The dashboard stays on: Train's placement-group cleanup needs the State API it serves.
     # It listens on this machine only unless run.dashboard_host opens it on purpose.
+    url = f"http://{reach}:{port}"
     ray.init(
         num_cpus=num_cpus,
         dashboard_host=dashboard_host,
         dashboard_port=port,
-        # Ray Data's per-epoch "execution finished" lines, and Ray's own deprecation
-        # warnings from inside its actors, would drown the progress lines.
-        runtime_env={
-            "env_vars": {
-                "RAY_API_SERVER_ADDRESS": f"http://{reach}:{port}",
-                "RAY_DATA_LOG_LEVEL": "WARNING",
-                "PYTHONWARNINGS": "ignore::DeprecationWarning",
-            }
-        },
+        logging_level=verbosity.ray_level(),
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": url, **verbosity.worker_env()}},
         **init_args,
     )
+    return url
 
 
 def free_port() -> int:

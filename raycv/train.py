@@ -14,7 +14,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycv import checkpoint, plots
+from raycv import checkpoint, plots, verbosity
 from raycv import storage as remote
 from raycv.checkpoint import EPOCH_DIR, checkpoint_epochs
 from raycv.config import Config, ConfigError, dump_config, load_saved
@@ -40,8 +40,8 @@ class _RecordReports(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         # The controller is a fresh process; sweep trials stay quiet (the trial table speaks).
-        if self.progress and not logging.getLogger("raycv").handlers:
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if self.progress:
+            verbosity.configure(verbose_flag=False)  # RAYCV_LOG_LEVEL came with the env
         self.recorder.record(metrics, checkpoint.path if checkpoint else None)
 
 

@@ -234,6 +234,29 @@ def ray_env():
     return _ray_env
 
 
+# Lines Ray, Tune and the ONNX exporter print on their own, none for a raycv user to act on
+# (each seen in a terminal before raycv hid it); a quiet run prints none of them.
+RAY_NOISE = (
+    "Token authentication is enabled",
+    "Progress bars disabled",
+    "Started a local Ray instance",
+    ".cc:",  # any line of Ray's C++ core (logging.cc, core_worker.cc, ...)
+    "PreemptionWatcher",
+    "PYTHON worker processes have been started",
+    "DeprecationWarning",
+    "execution finished",
+    "Configuration for experiment",
+    "View detailed results here",
+    "No unused functions to remove",
+)
+
+
+@pytest.fixture(scope="session")
+def ray_noise() -> Callable[[str], list[str]]:
+    """``ray_noise(output)``: the lines of a command's output that are Ray's own notices."""
+    return lambda text: [line for line in text.splitlines() if any(n in line for n in RAY_NOISE)]
+
+
 @pytest.fixture(scope="session")
 def kill_when():
     """``kill_when(command, env, log, ready, timeout=420)``: run a raycv command in a

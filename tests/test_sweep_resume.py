@@ -39,13 +39,16 @@ def _write_config(smoke_at, storage: Path) -> Path:
 
 @pytest.mark.slow
 def test_sweep_killed_and_resumed_does_not_rerun_finished_trials(
-    smoke_at, tmp_path, ray_env, kill_when
+    smoke_at, tmp_path, ray_env, kill_when, ray_noise
 ):
     with ray_env() as env:
-        _kill_and_resume(_write_config(smoke_at, tmp_path), tmp_path, env, kill_when)
+        resumed = _kill_and_resume(_write_config(smoke_at, tmp_path), tmp_path, env, kill_when)
+    # Quiet by default: the trial table and summary, none of Tune's or Ray's own notices.
+    printed = resumed.stdout + resumed.stderr
+    assert not ray_noise(printed), "\n".join(ray_noise(printed))
 
 
-def _kill_and_resume(config: Path, storage: Path, env: dict, kill_when) -> None:
+def _kill_and_resume(config: Path, storage: Path, env: dict, kill_when):
     command = [sys.executable, "-m", "raycv", "tune", str(config)]
 
     # Kill once one trial has finished and the next has trained an epoch (by then Tune
@@ -95,6 +98,7 @@ def _kill_and_resume(config: Path, storage: Path, env: dict, kill_when) -> None:
     assert manifest["status"] == "finished"
     front = trials[trials.pareto]
     assert manifest["metrics"]["best"]["val_acc"] == pytest.approx(front.val_acc.max())
+    return resumed
 
 
 def _status(manifest: Path) -> str | None:

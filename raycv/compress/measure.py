@@ -136,7 +136,9 @@ class Measurer:
 
 def tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """A Ray Data NumPy batch as the tensors a task reads (numeric columns only)."""
-    return {k: torch.from_numpy(v) for k, v in batch.items() if v.dtype.kind in "biuf"}
+    # Ray Data hands out read-only arrays, which torch warns about: copy only those.
+    numeric = {k: v for k, v in batch.items() if v.dtype.kind in "biuf"}
+    return {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in numeric.items()}
 
 
 def _state_dict_bytes(model: nn.Module) -> int:
