@@ -101,6 +101,11 @@ class DataConfig(Section):
         le=255,
         description="segmentation: mask value left out of the loss and metrics",
     )
+    max_boxes: int = Field(
+        100,
+        ge=1,
+        description="detection: boxes kept per image (Ray Data carries them padded to this many)",
+    )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="share carved out for validation when there is no val split"
     )
@@ -561,6 +566,15 @@ def _fill_task_defaults(cfg: Config) -> None:
             f"augment.eval_preset={cfg.augment.eval_preset} crops at random; {cfg.task} scores "
             "every pixel of the whole image: use augment.eval_preset=eval"
         )
+    for key in ("train_preset", "eval_preset"):
+        name = getattr(cfg.augment, key)
+        lost = set(task.targets) - AUGMENTATIONS.get(name).carries
+        if lost:
+            movers = [p for p in AUGMENTATIONS.names() if lost <= AUGMENTATIONS.get(p).carries]
+            raise ValueError(
+                f"augment.{key}={name} does not move {', '.join(sorted(lost))} with the pixels, "
+                f"which task={cfg.task} needs; choose one of: {', '.join(movers)}"
+            )
 
 
 def _mode_of(metric: str) -> str:

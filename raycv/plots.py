@@ -26,6 +26,8 @@ def training_curves(history: list[dict[str, Any]], out: Path) -> Path:
         ("train_miou", "train mIoU"),
         ("val_miou", "val mIoU"),
         ("val_pixel_acc", "val pixel accuracy"),
+        ("val_map", "val mAP@[.5:.95]"),
+        ("val_map50", "val mAP@.5"),
     ):
         if any(key in m for m in history):
             ax_acc.plot(epochs, [m.get(key) for m in history], marker="o", label=label)

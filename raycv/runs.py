@@ -343,6 +343,8 @@ def format_progress(m: dict[str, Any], epochs: int) -> str:
         ("val_acc5", "val top-5 {:.3f}"),
         ("train_miou", "train mIoU {:.3f}"),
         ("val_miou", "val mIoU {:.3f}"),
+        ("val_map", "val mAP {:.3f}"),
+        ("val_map50", "mAP@.5 {:.3f}"),
         ("lr", "lr {:.2e}"),
         ("images_per_s", "{:.0f} img/s"),
         ("data_wait", "data wait {:.0%}"),

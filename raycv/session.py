@@ -45,7 +45,7 @@ def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level=verbosity.ray_level())
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=verbosity.ray_level())
         return
     num_cpus = num_cpus or local_cpus(cfg)
     dashboard = start_local(num_cpus, cfg.run.dashboard_host)

@@ -310,6 +310,7 @@ def test_shipped_configs_exist():
         "seg_smoke.yaml",
         "seg_folder.yaml",
         "seg_quickstart.yaml",
+        "det_smoke.yaml",
     }
 
 

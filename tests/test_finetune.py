@@ -143,8 +143,13 @@ def test_raycv_checkpoint_source_brings_its_model_and_preprocessing(tmp_path, sh
 # ------------------------------------------------------------------ head replacement
 
 
+# Detectors' heads (box predictors, whose widths follow the class count in several layers)
+# are not replaced yet: fine-tuning a detector is still to come (issue 17).
+TRANSPLANTABLE = [n for n in MODELS.names() if MODELS.get(n).task != "detection"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", TRANSPLANTABLE)
 def test_head_replaced_backbone_kept_for_every_model(name):
     torch.manual_seed(0)
     source = create_model(name, 7, image_size=_size(name)).state_dict()

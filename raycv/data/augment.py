@@ -63,6 +63,8 @@ class Preset:
 
     # Whether ``whole_frame`` means anything to this preset.
     shows_whole_frame = False
+    # The target columns it keeps true to its pixels (config checks them against the task's).
+    carries: frozenset[str] = frozenset({"label", "mask"})
 
     def __init__(
         self,
@@ -89,6 +91,8 @@ class Preset:
         self.seed: int | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "boxes" in batch:
+            return self._call_with_boxes(batch)
         images = _images_nchw(batch["image"])
         masks = _masks_nhw(batch["mask"], images) if "mask" in batch else None
         n, size = len(images), self.image_size
@@ -109,6 +113,47 @@ class Preset:
             for key, values in zip(out, chunk):  # "image", then "mask" when there is one
                 out[key][part] = values.numpy()
         return {**batch, **out}
+
+    def _call_with_boxes(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``__call__`` for detection: padded ``boxes`` (N, K, 4) and ``labels`` (N, K) (-1:
+        padding), and ``crowd`` (N, K) where there is one, moved with their images; a box
+        that leaves the output is dropped with its label and the rest move up."""
+        images = _images_nchw(batch["image"])
+        n, size, k = len(images), self.image_size, batch["labels"].shape[1]
+        out = {
+            "image": np.empty((n, 3, size, size), dtype=np.float32),
+            "boxes": np.zeros((n, k, 4), dtype=np.float32),
+            "labels": np.full((n, k), -1, dtype=np.int64),
+        }
+        extras = [c for c in ("crowd",) if c in batch]
+        out |= {c: np.zeros_like(batch[c]) for c in extras}
+        rng = np.random.default_rng(self.seed)
+        aspect = batch.get("aspect")
+        step = max(1, CHUNK_PIXELS // (size * size))
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            real = [labels >= 0 for labels in batch["labels"][part]]
+            boxes = [b[r] for b, r in zip(batch["boxes"][part], real)]
+            pixels, moved = self.transform_boxes(
+                images[part], boxes, rng, None if aspect is None else aspect[part]
+            )
+            out["image"][part] = pixels.numpy()
+            for i, (r, (kept, stayed)) in enumerate(zip(real, moved), start):
+                out["boxes"][i, : len(kept)] = kept
+                for column in ("labels", *extras):
+                    out[column][i, : len(kept)] = batch[column][i][r][stayed]
+        return {**batch, **out}
+
+    def transform_boxes(
+        self,
+        images: torch.Tensor,
+        boxes: list[np.ndarray],
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
+        """``transform`` for images with their (K, 4) xyxy pixel boxes: per image, the boxes
+        that stay and the mask of which stayed (to keep their labels)."""
+        raise NotImplementedError(f"{type(self).__name__} does not move boxes")
 
     def transform(
         self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
@@ -192,6 +237,8 @@ class ClassicPreset(Preset):
         masks = None if masks is None else warp_masks(masks, grid, self.ignore_index)
         return self._pixels(images, grid, rng), masks
 
+    carries = Preset.carries | {"boxes", "labels"}
+
     def transform_boxes(
         self,
         images: torch.Tensor,
@@ -199,9 +246,7 @@ class ClassicPreset(Preset):
         rng: np.random.Generator,
         aspect: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
-        """``transform`` for images with their (K, 4) xyxy pixel boxes: each image's boxes
-        move through its own warp (``raycv.data.boxes.warp_boxes``); per image, the boxes
-        that stay and the mask of which stayed (to keep their labels)."""
+        """Each image's boxes move through its own warp (``raycv.data.boxes.warp_boxes``)."""
         _, _, height, width = images.shape
         theta = self._draw(images, rng, aspect)
         grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
@@ -471,6 +516,7 @@ class EvalPreset(Preset):
     """
 
     shows_whole_frame = True
+    carries = Preset.carries | {"boxes", "labels"}  # with whole_frame
 
     def __init__(
         self,
@@ -509,6 +555,21 @@ class EvalPreset(Preset):
         if masks is not None:
             masks = v2.functional.center_crop(masks, [self.image_size])
         return self.finish(images), masks
+
+    def transform_boxes(
+        self,
+        images: torch.Tensor,
+        boxes: list[np.ndarray],
+        rng: np.random.Generator,
+        aspect: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
+        """The whole frame squeezed to S x S, every box scaled with it (none is lost)."""
+        if not self.whole_frame:
+            raise ValueError("the eval preset moves boxes with whole_frame=True only")
+        _, _, height, width = images.shape
+        scale = np.array([width, height, width, height], np.float32)
+        scaled = [(b * (self.image_size / scale), np.ones(len(b), bool)) for b in boxes]
+        return self._whole(images, None)[0], scaled
 
     def _whole(
         self, images: torch.Tensor, masks: torch.Tensor | None

@@ -53,12 +53,13 @@ SOURCES: Registry[Callable[[Config], SourceData]] = Registry("data source")
 @dataclass(frozen=True)
 class _RenderShapes:
     """Ray Data batch function: row positions -> rendered images at the working size, and
-    the columns the task learns from (``targets``: "label" and/or "mask")."""
+    the columns the task learns from (``targets``: "label", "mask", or "boxes" and "labels")."""
 
     indices: np.ndarray
     cfg: dict
     size: int
     targets: tuple[str, ...] = ("label",)
+    max_boxes: int = 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = []
@@ -72,7 +73,7 @@ class _RenderShapes:
                 )
             images.append(img)
             for target in self.targets:
-                columns[target].append(_SHAPES_TARGETS[target](sample, self.size))
+                columns[target].append(_SHAPES_TARGETS[target](sample, self.size, self.max_boxes))
         return {
             "image": np.stack(images),
             **{
@@ -91,12 +92,26 @@ def semantic_mask(sample: dict, size: int) -> np.ndarray:
     return ids
 
 
-# What shapes can give each task: target column -> (sample, working size) -> value.
-_SHAPES_TARGETS: dict[str, Callable[[dict, int], object]] = {
-    "label": lambda sample, size: sample["label"],
-    "mask": semantic_mask,
+def padded_boxes(sample: dict, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A rendered sample's boxes scaled to the working ``size`` and its labels, padded to
+    ``max_boxes`` rows (label -1); a stack that has more keeps its first ones (the main
+    shape comes first)."""
+    boxes = np.zeros((max_boxes, 4), np.float32)
+    labels = np.full(max_boxes, -1, np.int64)
+    count = min(len(sample["labels"]), max_boxes)
+    boxes[:count] = sample["boxes"][:count] * (size / sample["image"].shape[0])
+    labels[:count] = sample["labels"][:count]
+    return boxes, labels
+
+
+# What shapes can give each task: column -> (sample, working size, max boxes) -> value.
+_SHAPES_TARGETS: dict[str, Callable[[dict, int, int], object]] = {
+    "label": lambda sample, size, k: sample["label"],
+    "mask": lambda sample, size, k: semantic_mask(sample, size),
+    "boxes": lambda sample, size, k: padded_boxes(sample, size, k)[0],
+    "labels": lambda sample, size, k: padded_boxes(sample, size, k)[1],
 }
-_SHAPES_DTYPES = {"label": np.int64, "mask": np.uint8}
+_SHAPES_DTYPES = {"label": np.int64, "mask": np.uint8, "boxes": np.float32, "labels": np.int64}
 
 
 @SOURCES.register("shapes")
@@ -113,7 +128,7 @@ def shapes_source(cfg: Config) -> SourceData:
     train_idx, val_idx = split_indices(s.num_images, cfg.data.val_fraction, cfg.data.split_seed)
 
     def rendered(indices: np.ndarray) -> ray.data.Dataset:
-        fn = _RenderShapes(indices, render_args, cfg.working_size, targets)
+        fn = _RenderShapes(indices, render_args, cfg.working_size, targets, cfg.data.max_boxes)
         return cached(ray.data.range(len(indices)).map_batches(fn, batch_size=256))
 
     names = shapes.class_names(s.num_classes, s.classes)

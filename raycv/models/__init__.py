@@ -1,6 +1,6 @@
 """Models by name (``MODELS``), for every task, behind ``create_model``."""
 
-from raycv.models import classification, segmentation
+from raycv.models import classification, detection, segmentation
 from raycv.models.classification import INCEPTION_AUX_MIN_SIZE
 from raycv.models.registry import (
     MODELS,
@@ -19,6 +19,7 @@ __all__ = [
     "check_weights",
     "classification",
     "create_model",
+    "detection",
     "replace_heads",
     "segmentation",
 ]

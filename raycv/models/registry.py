@@ -46,6 +46,7 @@ class ModelSpec:
     adapt: Callable[[nn.Module, int | None], None] | None = None
     build: Callable[..., nn.Module] | None = None  # default: torchvision.models.get_model
     backbone: Backbone | None = None  # segmenters: what a classification run fills
+    background_class: bool = False  # a detector whose class 0 is background (Faster R-CNN, SSD)
 
     @property
     def torchvision(self) -> bool:

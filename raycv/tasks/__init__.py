@@ -1,7 +1,7 @@
 """Tasks by name (``TASKS``): what a batch holds, the forward pass, the loss, the metrics and
 what every later stage reads from a model's output. See ``base.Task``."""
 
-from raycv.tasks import classification, segmentation
+from raycv.tasks import classification, detection, segmentation
 from raycv.tasks.base import TASKS, Evaluator, Metric, Task, build_task, total
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Task",
     "build_task",
     "classification",
+    "detection",
     "segmentation",
     "total",
 ]

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raycv.config import ConfigError
 from raycv.registry import Registry
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ class Task(Protocol):
     primary: ClassVar[Metric]  # default of checkpoint.metric, tune.objective.metric, reports
     whole_frame: ClassVar[bool]  # evaluation sees the whole image, not a centre crop
     default_model: ClassVar[str]  # model.name when the config names none
+    commands: ClassVar[frozenset[str] | None]  # the raycv commands it supports; None: all
 
     def __init__(self, class_names: list[str], cfg) -> None: ...
 
@@ -185,6 +187,16 @@ TASKS: Registry[type[Task]] = Registry("task")
 def build_task(cfg, class_names: list[str]) -> Task:
     """The single way in: ``build_task(cfg, class_names)``."""
     return TASKS.get(cfg.task)(class_names, cfg)
+
+
+def check_command(cfg, command: str) -> None:
+    """A one-line ConfigError, before any work, when ``cfg.task`` cannot run ``command``."""
+    supported = TASKS.get(cfg.task).commands
+    if supported is not None and command not in supported:
+        raise ConfigError(
+            f"task={cfg.task} does not support raycv {command} yet; it supports raycv "
+            f"{', '.join(sorted(supported))}"
+        )
 
 
 def in_listing_order(rows: dict[str, Any], files: list[str]) -> list[Any]:

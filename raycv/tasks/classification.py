@@ -149,6 +149,7 @@ class Classification:
     primary: ClassVar[Metric] = Metric("val_acc", "max")
     whole_frame: ClassVar[bool] = False
     default_model: ClassVar[str] = "resnet18"  # model.name when the config names none
+    commands: ClassVar[frozenset[str] | None] = None  # every command
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)

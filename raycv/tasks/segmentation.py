@@ -76,6 +76,7 @@ class Segmentation:
     primary: ClassVar[Metric] = Metric("val_miou", "max")
     whole_frame: ClassVar[bool] = True
     default_model: ClassVar[str] = "unet"  # model.name when the config names none
+    commands: ClassVar[frozenset[str] | None] = None  # every command
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)

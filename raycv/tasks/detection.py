@@ -1,0 +1,96 @@
+"""Object detection: boxes (x1, y1, x2, y2 in pixels of the model's input) and a class each.
+
+A batch is ``{"image": float (N, 3, S, S), "boxes": float32 (N, K, 4), "labels": int64 (N, K)}``
+with ``K = data.max_boxes``: Ray Data carries fixed-shape tensor columns, so each image's boxes
+are padded and label -1 marks padding. An optional ``crowd`` column, bool (N, K), marks boxes
+that neither train nor count in the metric (COCO ``iscrowd``, VOC ``difficult``). Class ids
+start at 0, the first class name; a model whose class 0 is background (its registry entry's
+``background_class``) sees them shifted by one, here and nowhere else.
+
+Training calls ``model(images, targets)``, which returns torchvision's dict of named loss
+parts; evaluation calls ``model(images)`` for detections, scored with COCO mAP
+(``detection_metrics``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
+
+import torch
+from torch import nn
+
+from raycv.checkpoint import unwrap
+from raycv.config import AugmentConfig, ConfigError
+from raycv.models import MODELS
+from raycv.tasks.base import TASKS, Metric
+from raycv.tasks.detection_metrics import DetectionEvaluator
+
+Target = dict[str, torch.Tensor]
+
+
+@TASKS.register("detection")
+class Detection:
+    targets: ClassVar[tuple[str, ...]] = ("boxes", "labels")
+    primary: ClassVar[Metric] = Metric("val_map", "max")
+    whole_frame: ClassVar[bool] = True  # a box anywhere in the frame counts
+    default_model: ClassVar[str] = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    # Fine-tuning, compression, export, prediction, eval and previews are still to come.
+    commands: ClassVar[frozenset[str] | None] = frozenset({"train", "tune", "doctor"})
+
+    def __init__(self, class_names: list[str], cfg) -> None:
+        self.class_names = list(class_names)
+        self.shift = int(MODELS.get(cfg.model.name).background_class)
+
+    def truth(self, batch: dict[str, torch.Tensor]) -> list[Target]:
+        """Each image's own boxes, labels and crowd flags, padding left out."""
+        crowd = batch.get("crowd")
+        out = []
+        for i, (boxes, labels) in enumerate(zip(batch["boxes"], batch["labels"])):
+            real = labels >= 0
+            flags = crowd[i][real] if crowd is not None else torch.zeros_like(labels[real])
+            out.append({"boxes": boxes[real], "labels": labels[real], "iscrowd": flags.long()})
+        return out
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        """Training mode: the loss dict; evaluation mode: one dict of detections per image."""
+        images = list(batch["image"])
+        if unwrap(model).training:  # the loop sets the mode of the module inside DDP
+            targets = [
+                {"boxes": t["boxes"][keep], "labels": t["labels"][keep] + self.shift}
+                for t in self.truth(batch)
+                for keep in [t["iscrowd"] == 0]
+            ]
+            return model(images, targets)
+        found = model(images)
+        return [{**d, "labels": d["labels"] - self.shift} for d in found]
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # torchvision's detectors compute their losses in training mode, none in evaluation.
+        return outputs if isinstance(outputs, dict) else {}
+
+    def evaluator(self) -> DetectionEvaluator:
+        return DetectionEvaluator(self)
+
+    def logits(self, outputs: Any) -> NoReturn:
+        _not_yet("distillation, export and prediction")
+
+    def distill_loss(self, student, teacher, temperature: float) -> NoReturn:
+        _not_yet("distillation")
+
+    def eval_report(self, augment: AugmentConfig) -> NoReturn:
+        _not_yet("raycv eval")
+
+    def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> NoReturn:
+        _not_yet("raycv predict")
+
+    def export_spec(self, image_size: int, side_multiple, dynamic_sides: bool = True) -> NoReturn:
+        _not_yet("raycv export")
+
+    def preview(self, batch, augment: AugmentConfig) -> NoReturn:
+        _not_yet("raycv data preview")
+
+
+def _not_yet(what: str) -> NoReturn:
+    # Reached from a checkpoint's task (eval, export, predict), where no command check ran.
+    supported = ", ".join(sorted(Detection.commands))
+    raise ConfigError(f"task=detection does not support {what} yet; it supports raycv {supported}")
