@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -299,7 +301,8 @@ class MetricsRecorder:
     def _keep_best(self, saved: str) -> None:
         """Copy the checkpoint folder ``saved`` (a path in the store for a URI run) to best/."""
         if self.run.uri is None:
-            _replace_tree(lambda staging: shutil.copytree(saved, staging), self.run.best)
+            link = partial(shutil.copytree, saved, copy_function=_link_or_copy)
+            _replace_tree(link, self.run.best)
             return
         remote.replace_on_store(self.run.uri, saved, "best")  # nothing crosses the network
         best = remote.join(self.run.uri, "best")
@@ -319,6 +322,15 @@ def _row(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
     each worker ran."""
     row = {k: v for k, v in per_worker[0].items() if k != "node"}
     return {**row, "worker_nodes": [m.get("node") for m in per_worker]}
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """A hard link where the file system allows one: a saved checkpoint is never written to
+    again, so best/ need not hold a second copy of it (one resnet18 checkpoint is 129 MB)."""
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
 
 
 def _replace_tree(fill: Callable[[Path], object], target: Path) -> None:

@@ -24,12 +24,14 @@ DISK_FULL = 0.95
 # own PreemptionWatcher actor (ray-project/ray#53727). Fatal and other error lines still show.
 # Also the raylet's notice (a WARNING line) that a node started more Python workers than it
 # expects at once: Train, Tune and Ray Data start many on a small machine, by design.
+# And the raylet's disk-full error, repeated every 10 s: raycv says it once (warn_if_disk_full).
 # Setting RAY_BACKEND_LOG_LEVEL instead makes every process print a line saying it did.
 CORE_NOTICES = "|".join(
     (
         r"\d [IW] \d+ \d+\] \w+\.cc:\d+: ",
         r"'PreemptionWatcher'.*max_restarts",
         r"PYTHON worker processes have been started on node",
+        r"file_system_monitor\.cc:\d+: .* is over \d+% full",
     )
 )
 

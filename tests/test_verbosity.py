@@ -4,6 +4,7 @@ them back. Real commands in processes of their own, each with its own local Ray.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,16 @@ def test_every_command_takes_verbose():
     for argv in (["train", "c.yaml"], ["pipeline", "c.yaml"], ["data", "preview", "c.yaml"]):
         assert parser.parse_args([*argv, "--verbose"]).verbose is True
         assert parser.parse_args(argv).verbose is False
+
+
+def test_quiet_runs_hide_rays_repeated_notices_but_not_its_errors():
+    from raycv.verbosity import CORE_NOTICES
+
+    hidden = (
+        "[2026-12-05 05:54:40,456 E 11085 11096] (raylet) file_system_monitor.cc:116: "
+        "/tmp/ray/session_x is over 95% full, available space: 11.8 GB; capacity: 251.9 GB.",
+        "[2026-12-05 05:54:40,456 W 11085 11096] core_worker.cc:512: a warning",
+    )
+    shown = "[2026-12-05 05:54:40,456 E 11085 11096] core_worker.cc:900: Failed to allocate"
+    assert all(re.search(CORE_NOTICES, line) for line in hidden)
+    assert not re.search(CORE_NOTICES, shown)
