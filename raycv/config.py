@@ -90,11 +90,30 @@ class MaskFolderConfig(Section):
     )
 
 
+class BoxFolderConfig(Section):
+    """Detection annotations in one of the common formats (data/box_formats.py); the
+    layouts each format's exports use are found by themselves."""
+
+    root: str | None = Field(None, description="dataset root: local path or pyarrow URI")
+    train_split: str = "train"
+    val_split: str = Field(
+        "val", description="validation split (absent: data.val_fraction of the training images)"
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="class names, in id order (default: the annotations' own: COCO "
+        "categories, VOC names sorted, YOLO data.yaml)",
+    )
+
+
 class DataConfig(Section):
     source: str = Field("shapes", description="data source (see raycv.data.sources.SOURCES)")
     shapes: ShapesConfig = ShapesConfig()
     folder: FolderConfig = FolderConfig()
     mask_folder: MaskFolderConfig = MaskFolderConfig()
+    coco: BoxFolderConfig = Field(BoxFolderConfig(), description="detection: COCO json")
+    voc: BoxFolderConfig = Field(BoxFolderConfig(), description="detection: Pascal VOC xml")
+    yolo: BoxFolderConfig = Field(BoxFolderConfig(), description="detection: YOLO txt")
     ignore_index: int = Field(
         255,
         ge=0,

@@ -1,7 +1,7 @@
-"""Class-id masks drawn for people: one colour per class (the Pascal VOC colour map, which
-segmentation datasets and viewers share), palette PNGs of class ids, and masks laid over
-their images. Used by ``raycv eval`` (worst images), ``raycv predict`` and
-``raycv data preview``."""
+"""Class-id masks and boxes drawn for people: one colour per class (the Pascal VOC colour
+map, which segmentation datasets and viewers share), palette PNGs of class ids, masks laid
+over their images, and boxes drawn on them. Used by ``raycv eval`` (worst images),
+``raycv predict`` and ``raycv data preview``."""
 
 from __future__ import annotations
 
@@ -69,3 +69,31 @@ def classes_present(ids: np.ndarray, class_names: list[str]) -> list[str]:
     """The names of the classes other than background found in ``ids``, in class order."""
     counts = np.bincount(ids.ravel(), minlength=256)
     return [name for i, name in enumerate(class_names) if i and counts[i]]
+
+
+def box_colours() -> np.ndarray:
+    """uint8 (255, 3): the colour of each detection class id; VOC's map from its second
+    colour (class 0 of a detector is an object, not the black background), brightened to
+    full strength: a thin outline in VOC's dark red is lost on a photo."""
+    colours = palette()[1:].astype(np.float64)
+    return np.rint(colours * 255 / colours.max(axis=1, keepdims=True)).astype(np.uint8)
+
+
+def draw_boxes(
+    image: np.ndarray, boxes: np.ndarray, colours: np.ndarray, width: int = 1
+) -> np.ndarray:
+    """uint8 (H, W, 3) with (K, 4) xyxy pixel ``boxes`` outlined, each in its (K, 3) colour.
+    No text: at training sizes (64-128 px) a label would hide the object; a legend names
+    the colours."""
+    import torch
+    from torchvision.utils import draw_bounding_boxes
+
+    if not len(boxes):
+        return image.copy()
+    drawn = draw_bounding_boxes(
+        torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+        torch.as_tensor(np.asarray(boxes, np.float32)),
+        colors=[tuple(int(c) for c in rgb) for rgb in colours],
+        width=width,
+    )
+    return drawn.permute(1, 2, 0).numpy()

@@ -50,7 +50,7 @@ def test_a_classifier_is_refused_for_detection():
         load_config(None, ["task=detection", "model.name=resnet18"])
 
 
-@pytest.mark.parametrize("command", [["pipeline"], ["finetune"], ["data", "preview"]])
+@pytest.mark.parametrize("command", [["pipeline"], ["finetune"]])
 def test_commands_detection_cannot_run_yet_refuse_in_one_line(command, capsys, tmp_path):
     from raycv.cli import main
 
@@ -59,12 +59,40 @@ def test_commands_detection_cannot_run_yet_refuse_in_one_line(command, capsys, t
     err = capsys.readouterr().err.strip()
     assert err == (
         f"error: task=detection does not support raycv {' '.join(command)} yet; "
-        "it supports raycv doctor, train, tune"
+        "it supports raycv data preview, doctor, train, tune"
     )
     assert not any(tmp_path.iterdir())  # refused before any work
 
 
 # ------------------------------------------------------------------ data
+
+
+def test_the_preview_outlines_each_box_in_its_class_colour_and_crowd_apart():
+    from raycv.overlays import IGNORE_COLOUR, box_colours
+
+    cfg, task = det_task()
+    plain = AugmentConfig(mean=(0, 0, 0), std=(1, 1, 1))
+    image = np.full((1, 3, 32, 32), 0.5, np.float32)
+    boxes = np.zeros((1, 3, 4), np.float32)
+    boxes[0, :2] = [[2, 2, 12, 12], [16, 16, 30, 30]]
+    batch = {
+        "image": image,
+        "boxes": boxes,
+        "labels": np.array([[2, 0, -1]]),
+        "crowd": np.array([[False, True, False]]),
+    }
+    shown = task.preview(batch, plain)
+    assert shown.titles == ["1 triangle, 1 circle"]
+    drawn = shown.images[0]
+    assert tuple(drawn[2, 6]) == tuple(box_colours()[2])  # the top edge of the triangle's box
+    assert tuple(drawn[16, 20]) == IGNORE_COLOUR  # the crowd box's
+    assert tuple(drawn[8, 8]) == (128, 128, 128)  # inside stays as it was
+    assert shown.legend == {
+        "circle": (255, 0, 0),
+        "square": (0, 255, 0),
+        "triangle": (255, 255, 0),
+        "ignored": IGNORE_COLOUR,
+    }
 
 
 def shapes_batch(n: int = 6, size: int = 64, max_boxes: int = 8) -> dict[str, np.ndarray]:

@@ -563,13 +563,29 @@ class EvalPreset(Preset):
         rng: np.random.Generator,
         aspect: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, list[tuple[np.ndarray, np.ndarray]]]:
-        """The whole frame squeezed to S x S, every box scaled with it (none is lost)."""
+        """The whole frame at S x S, every box moved with it (none is lost). A squeezed photo
+        (``aspect``) is letterboxed: its long side fills S, the rest is padded, so objects
+        keep the proportions that training's crops showed them in."""
         if not self.whole_frame:
             raise ValueError("the eval preset moves boxes with whole_frame=True only")
-        _, _, height, width = images.shape
-        scale = np.array([width, height, width, height], np.float32)
-        scaled = [(b * (self.image_size / scale), np.ones(len(b), bool)) for b in boxes]
-        return self._whole(images, None)[0], scaled
+        n, _, height, width = images.shape
+        if aspect is None:
+            scale = np.array([width, height, width, height], np.float32)
+            scaled = [(b * (self.image_size / scale), np.ones(len(b), bool)) for b in boxes]
+            return self._whole(images, None)[0], scaled
+        theta = self._letterbox(*true_sides(aspect, n, height, width))
+        grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
+        out = _normalize(_warp(images, grid).mul_(1 / 255), self.cfg)
+        moved = [warp_boxes(b, t, height, width, self.image_size, 0) for b, t in zip(boxes, theta)]
+        return out, moved
+
+    @staticmethod
+    def _letterbox(heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """(N, 2, 3) warps that fit each image whole and centred in a square of its long side."""
+        side = np.maximum(heights, widths)
+        boxes = np.stack([(heights - side) / 2, (widths - side) / 2, side, side], axis=1)
+        still = np.zeros(len(side))
+        return affine_matrices(still > 0, still > 0, still, boxes, heights, widths)
 
     def _whole(
         self, images: torch.Tensor, masks: torch.Tensor | None

@@ -117,7 +117,7 @@ _SHAPES_DTYPES = {"label": np.int64, "mask": np.uint8, "boxes": np.float32, "lab
 @SOURCES.register("shapes")
 def shapes_source(cfg: Config) -> SourceData:
     s = cfg.data.shapes
-    targets = _targets(cfg, tuple(_SHAPES_TARGETS))
+    targets = check_targets(cfg, tuple(_SHAPES_TARGETS))
     render_args = {
         "image_size": s.image_size,
         "num_classes": s.num_classes,
@@ -137,7 +137,7 @@ def shapes_source(cfg: Config) -> SourceData:
     return SourceData(names, rendered(train_idx), rendered(val_idx))
 
 
-def _targets(cfg: Config, available: tuple[str, ...]) -> tuple[str, ...]:
+def check_targets(cfg: Config, available: tuple[str, ...]) -> tuple[str, ...]:
     """The columns ``cfg.task`` learns from; a source that cannot make one says so."""
     targets = TASKS.get(cfg.task).targets
     missing = [t for t in targets if t not in available]
@@ -200,8 +200,8 @@ class FolderSplit:
 
 @SOURCES.register("folder")
 def folder_source(cfg: Config) -> SourceData:
-    _targets(cfg, ("label",))
-    fs, root = _filesystem(cfg.data.folder.root)
+    check_targets(cfg, ("label",))
+    fs, root = filesystem(cfg.data.folder.root)
     split = find_split(fs, root, cfg)
     class_index = {c: i for i, c in enumerate(split.classes)}
     fail = cfg.data.bad_images == "fail"
@@ -291,7 +291,7 @@ def _class_of(path: str) -> str:
     return posixpath.basename(posixpath.dirname(path))
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
     return pafs.LocalFileSystem(), posixpath.abspath(uri)
@@ -376,11 +376,11 @@ def mask_folder_source(cfg: Config) -> SourceData:
     """Images and segmentation masks paired by stem (data/mask_layouts.py), decoded in pairs
     (data/masks.py) to ``{"image", "mask", "aspect"}`` rows on both splits: the whole image
     squeezed into the square, so a random crop can reach every side of it."""
-    _targets(cfg, ("mask",))
+    check_targets(cfg, ("mask",))
     m = cfg.data.mask_folder
     if not m.root:
         raise DataError("data.mask_folder.root is required when data.source=mask_folder")
-    fs, root = _filesystem(m.root)
+    fs, root = filesystem(m.root)
     layout = mask_layouts.find_layout(fs, root, m)
     classes = mask_layouts.class_names(fs, root, m, layout)
     train, val = _splits(layout, cfg)
@@ -430,3 +430,7 @@ def _decoded_pairs(
     items = [{"image_path": image, "mask_path": mask} for image, mask in pairs]
     ds = ray.data.from_items(items).map_batches(decoder, batch_size=16)
     return good_rows(cached(ds), fail_on_bad)
+
+
+# The detection formats register themselves beside these (coco, voc, yolo).
+from raycv.data import box_sources  # noqa: E402, F401

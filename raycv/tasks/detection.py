@@ -13,16 +13,20 @@ parts; evaluation calls ``model(images)`` for detections, scored with COCO mAP
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
+import numpy as np
 import torch
 from torch import nn
 
+from raycv import overlays
 from raycv.checkpoint import unwrap
 from raycv.config import AugmentConfig, ConfigError
+from raycv.data.augment import denormalize
 from raycv.models import MODELS
-from raycv.tasks.base import TASKS, Metric
+from raycv.tasks.base import TASKS, Metric, Preview
 from raycv.tasks.detection_metrics import DetectionEvaluator
 
 Target = dict[str, torch.Tensor]
@@ -35,7 +39,9 @@ class Detection:
     whole_frame: ClassVar[bool] = True  # a box anywhere in the frame counts
     default_model: ClassVar[str] = "fasterrcnn_mobilenet_v3_large_320_fpn"
     # Fine-tuning, compression, export, prediction, eval and previews are still to come.
-    commands: ClassVar[frozenset[str] | None] = frozenset({"train", "tune", "doctor"})
+    commands: ClassVar[frozenset[str] | None] = frozenset(
+        {"train", "tune", "doctor", "data preview"}
+    )
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)
@@ -86,8 +92,25 @@ class Detection:
     def export_spec(self, image_size: int, side_multiple, dynamic_sides: bool = True) -> NoReturn:
         _not_yet("raycv export")
 
-    def preview(self, batch, augment: AugmentConfig) -> NoReturn:
-        _not_yet("raycv data preview")
+    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+        """Each image with its boxes in its classes' colours; crowd or difficult boxes,
+        which neither train nor count, in the colour of ignored pixels."""
+        colours = overlays.box_colours()
+        crowd = batch.get("crowd", np.zeros(batch["labels"].shape, bool))
+        shown, titles = [], []
+        for image, boxes, labels, ignored in zip(
+            denormalize(batch["image"], augment), batch["boxes"], batch["labels"], crowd
+        ):
+            real = labels >= 0
+            drawn = np.where(ignored[real, None], overlays.IGNORE_COLOUR, colours[labels[real]])
+            shown.append(overlays.draw_boxes(image, boxes[real], drawn))
+            counts = Counter(self.class_names[k] for k in labels[real])
+            titles.append(", ".join(f"{n} {name}" for name, n in counts.items()) or "no boxes")
+        names = enumerate(self.class_names)
+        legend = {name: tuple(int(c) for c in colours[i]) for i, name in names}
+        if crowd.any():
+            legend["ignored"] = overlays.IGNORE_COLOUR
+        return Preview(np.stack(shown), titles, legend)
 
 
 def _not_yet(what: str) -> NoReturn:

@@ -113,9 +113,9 @@ def timed(read, epoch: int) -> dict[str, float]:
 
 def uniform_classes_per_batch(cfg, batch: int) -> float:
     """Distinct classes expected in a batch drawn uniformly (the split's class shares)."""
-    from raycv.data.sources import _filesystem, find_split
+    from raycv.data.sources import filesystem, find_split
 
-    fs, root = _filesystem(cfg.data.folder.root)
+    fs, root = filesystem(cfg.data.folder.root)
     files = find_split(fs, root, cfg).train
     _, counts = np.unique([Path(f).parent.name for f in files], return_counts=True)
     n = counts.sum()
