@@ -51,12 +51,12 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
 
 @torch.no_grad()
 def feed(report: EvalReport, task: Task, model: torch.nn.Module, dataset, batch_size: int) -> None:
-    """``report`` every prepared batch of ``dataset`` with ``model``'s logits for it."""
+    """``report`` every prepared batch of ``dataset`` with ``model``'s outputs for it."""
     model.eval()
     for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
         # Ray may hand over read-only views of its object store; torch wants writable arrays.
         images = torch.from_numpy(np.require(batch["image"], requirements=["W"]))
-        report.process(batch, task.logits(task.forward(model, {"image": images})).float())
+        report.process(batch, task.forward(model, {"image": images}))
 
 
 def streams_for(trained: Trained, cfg: Config) -> Streams:

@@ -147,6 +147,25 @@ def metric_against(xs: list, ys: list, xlabel: str, ylabel: str, out: Path) -> P
     return _save(fig, out)
 
 
+def precision_recall(curves: dict[str, np.ndarray], out: Path) -> Path:
+    """Each class's precision against recall (COCO's 101 recall points), one line each."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    recall = np.linspace(0, 1, 101)
+    for name, precision in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set(
+        title="precision against recall at IoU 0.5",
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
 def pareto(costs: list, values: list, front: list[bool], cost: str, metric: str, out: Path) -> Path:
     """Every trial's cost and metric; the Pareto front drawn as a step line."""
     points = [(c, v, f) for c, v, f in zip(costs, values, front) if c is not None and v is not None]

@@ -59,7 +59,7 @@ def test_commands_detection_cannot_run_yet_refuse_in_one_line(command, capsys, t
     err = capsys.readouterr().err.strip()
     assert err == (
         f"error: task=detection does not support raycv {' '.join(command)} yet; "
-        "it supports raycv data preview, doctor, train, tune"
+        "it supports raycv data preview, doctor, eval, train, tune"
     )
     assert not any(tmp_path.iterdir())  # refused before any work
 

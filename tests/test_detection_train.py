@@ -47,3 +47,19 @@ def test_checkpoint_holds_the_task_and_its_best_map(det_run):
     assert state["epoch"] == 2 and state["class_names"] == CLASSES
     best = checkpoint.load(run.best)
     assert best["metrics"]["val_map"] == manifest["metrics"]["best"]["val_map"]
+
+
+def test_eval_of_the_checkpoint_repeats_training_map_and_draws(det_run):
+    """raycv eval scores the best checkpoint on the same validation split as training did
+    (the same mAP), and draws the precision-recall curve and the worst images."""
+    from raycv.evaluate import run_eval
+
+    best = checkpoint.load(det_run.best)
+    run = run_eval(str(det_run.best), [f"run.storage={det_run.path.parent}"])
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics["map"] == pytest.approx(best["metrics"]["val_map"], abs=1e-4)
+    assert set(metrics["per_class_ap"]) == set(CLASSES)
+    assert metrics["images"] == 16 and metrics["boxes"] >= 16
+    assert 0 <= metrics["worst"][0]["f1"] <= metrics["worst"][-1]["f1"] <= 1
+    for picture in ("pr_curve.png", "worst.png"):
+        assert (run.path / "plots" / picture).stat().st_size > 10_000

@@ -83,8 +83,9 @@ class EvalResult:
 class EvalReport(Protocol):
     """``raycv eval``'s one pass over the validation split, in the driver."""
 
-    def process(self, batch: dict[str, np.ndarray], logits: torch.Tensor) -> None:
-        """A prepared NumPy batch (``image`` and the ``targets``) and the model's logits."""
+    def process(self, batch: dict[str, np.ndarray], outputs: Any) -> None:
+        """A prepared NumPy batch (``image`` and the ``targets``) and the model's outputs for
+        it in evaluation mode (``Task.forward``: logits, or detections)."""
 
     def write(self, folder: Path) -> EvalResult:
         """Draw the pictures into the eval run ``folder``; what to record."""

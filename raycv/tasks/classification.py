@@ -69,12 +69,13 @@ class AccuracyReport:
     """``raycv eval``: counts of (true, predicted) classes -> accuracy, each class's
     accuracy and the confusion matrix (plots/confusion.png)."""
 
-    def __init__(self, class_names: list[str]) -> None:
-        self.class_names = class_names
-        self.matrix = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    def __init__(self, task: Classification) -> None:
+        self.task = task
+        self.class_names = task.class_names
+        self.matrix = np.zeros((len(self.class_names), len(self.class_names)), dtype=np.int64)
 
-    def process(self, batch: dict[str, np.ndarray], logits: torch.Tensor) -> None:
-        predicted = logits.float().softmax(dim=1).argmax(dim=1).numpy()
+    def process(self, batch: dict[str, np.ndarray], outputs: Any) -> None:
+        predicted = self.task.logits(outputs).float().argmax(dim=1).numpy()
         np.add.at(self.matrix, (batch["label"].astype(np.int64), predicted), 1)
 
     def write(self, folder: Path) -> EvalResult:
@@ -182,7 +183,7 @@ class Classification:
         return soft_target_loss(student, teacher, temperature)
 
     def eval_report(self, augment: AugmentConfig) -> AccuracyReport:
-        return AccuracyReport(self.class_names)
+        return AccuracyReport(self)
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> TopKWriter:
         return TopKWriter(self.class_names, files, top_k)

@@ -28,6 +28,7 @@ from raycv.data.augment import denormalize
 from raycv.models import MODELS
 from raycv.tasks.base import TASKS, Metric, Preview
 from raycv.tasks.detection_metrics import DetectionEvaluator
+from raycv.tasks.detection_outputs import BoxReport
 
 Target = dict[str, torch.Tensor]
 
@@ -40,7 +41,7 @@ class Detection:
     default_model: ClassVar[str] = "fasterrcnn_mobilenet_v3_large_320_fpn"
     # Fine-tuning, compression, export, prediction, eval and previews are still to come.
     commands: ClassVar[frozenset[str] | None] = frozenset(
-        {"train", "tune", "doctor", "data preview"}
+        {"train", "tune", "doctor", "data preview", "eval"}
     )
 
     def __init__(self, class_names: list[str], cfg) -> None:
@@ -83,8 +84,8 @@ class Detection:
     def distill_loss(self, student, teacher, temperature: float) -> NoReturn:
         _not_yet("distillation")
 
-    def eval_report(self, augment: AugmentConfig) -> NoReturn:
-        _not_yet("raycv eval")
+    def eval_report(self, augment: AugmentConfig) -> BoxReport:
+        return BoxReport(self, augment)
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> NoReturn:
         _not_yet("raycv predict")

@@ -76,24 +76,7 @@ class DetectionEvaluator:
     def _compute(self, predictions: list[Boxes], truths: list[Boxes]) -> dict[str, float] | None:
         if not truths:
             return None
-        from torchmetrics.detection import MeanAveragePrecision
-
-        metric = MeanAveragePrecision(
-            box_format="xyxy",
-            iou_type="bbox",
-            class_metrics=True,
-            backend="faster_coco_eval",
-            sync_on_compute=False,  # the data is already all here, on rank 0 alone
-        )
-        metric.update(predictions, truths)
-        found = metric.compute()
-        scores = {"map": found["map"], "map50": found["map_50"], "map75": found["map_75"]}
-        classes = found["classes"].reshape(-1).tolist()
-        per_class = found["map_per_class"].reshape(-1).tolist()
-        for cls, ap in zip(classes, per_class):
-            scores[f"ap/{self.task.class_names[int(cls)]}"] = ap
-        # COCO marks "no ground truth to score" with -1: no number rather than a wrong one.
-        return {k: math.nan if float(v) < 0 else float(v) for k, v in scores.items()}
+        return coco_map(predictions, truths, self.task.class_names)[0]
 
     def evaluate(self, prefix: str) -> dict[str, float]:
         out = {}
@@ -108,3 +91,30 @@ class DetectionEvaluator:
 
 def _cpu(boxes: dict[str, torch.Tensor], keys: tuple[str, ...]) -> Boxes:
     return {k: boxes[k].detach().cpu() for k in keys if k in boxes}
+
+
+def coco_map(
+    predictions: list[Boxes], truths: list[Boxes], class_names: list[str], curves: bool = False
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """COCO's box mAP of one process's detections against their truths: ``map``, ``map50``,
+    ``map75``, ``ap/<class>`` (NaN where COCO has nothing to score), and torchmetrics' raw
+    result (with ``curves``, its precision array: IoU x recall x class x area x max dets)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    metric = MeanAveragePrecision(
+        box_format="xyxy",
+        iou_type="bbox",
+        class_metrics=True,
+        extended_summary=curves,
+        backend="faster_coco_eval",
+        sync_on_compute=False,  # the data is already all here, on rank 0 alone
+    )
+    metric.update(predictions, truths)
+    found = metric.compute()
+    scores = {"map": found["map"], "map50": found["map_50"], "map75": found["map_75"]}
+    classes = found["classes"].reshape(-1).tolist()
+    per_class = found["map_per_class"].reshape(-1).tolist()
+    for cls, ap in zip(classes, per_class):
+        scores[f"ap/{class_names[int(cls)]}"] = ap
+    # COCO marks "no ground truth to score" with -1: no number rather than a wrong one.
+    return {k: math.nan if float(v) < 0 else float(v) for k, v in scores.items()}, found

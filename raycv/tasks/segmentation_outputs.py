@@ -37,6 +37,7 @@ class IoUReport:
     with their true and predicted masks (plots/worst.png)."""
 
     def __init__(self, task: Segmentation, augment: AugmentConfig) -> None:
+        self.task = task
         self.class_names = task.class_names
         self.ignore_index = task.ignore_index
         self.augment = augment
@@ -46,7 +47,8 @@ class IoUReport:
         self.images = 0
         self.worst: list[tuple[float, int, np.ndarray]] = []  # IoU, row, (3, H, W, 3) pictures
 
-    def process(self, batch: dict[str, np.ndarray], logits: torch.Tensor) -> None:
+    def process(self, batch: dict[str, np.ndarray], outputs: Any) -> None:
+        logits = self.task.logits(outputs).float()
         truth, predicted = batch["mask"], logits.argmax(dim=1).to(torch.uint8).numpy()
         confusions = image_confusions(truth, predicted, len(self.class_names), self.ignore_index)
         self.confusion += confusions.sum(axis=0)

@@ -1,0 +1,155 @@
+"""Detection's stage outputs: ``raycv eval``'s box report (COCO mAP and each class's AP, the
+precision-recall curve at IoU 0.5, and the worst images drawn with their true and predicted
+boxes)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from raycv.config import AugmentConfig
+from raycv.data.augment import denormalize
+from raycv.overlays import box_colours, draw_boxes
+from raycv.tasks.base import EvalResult
+from raycv.tasks.detection_metrics import Boxes, coco_map
+
+if TYPE_CHECKING:
+    from raycv.tasks.detection import Detection
+
+WORST_SHOWN = 8  # validation images with the lowest F1 that raycv eval draws
+SHOWN_SCORE = 0.5  # detections drawn, and counted in an image's F1, from this score up
+MATCH_IOU = 0.5  # a detection finds a true box of its class from this IoU up
+
+
+class BoxReport:
+    """``raycv eval``: COCO mAP over the split (training's ``val_map`` numbers), each class's
+    AP, precision against recall at IoU 0.5 per class (plots/pr_curve.png), and the
+    ``WORST_SHOWN`` images with the lowest F1 of their own (detections scoring at least
+    ``SHOWN_SCORE`` matched at IoU ``MATCH_IOU``), truth beside prediction (plots/worst.png)."""
+
+    def __init__(self, task: Detection, augment: AugmentConfig) -> None:
+        self.task = task
+        self.augment = augment
+        self.colours = box_colours()
+        self.predictions: list[Boxes] = []
+        self.truths: list[Boxes] = []
+        self.worst: list[tuple[float, int, list[np.ndarray]]] = []  # F1, row, pictures
+
+    def process(self, batch: dict[str, np.ndarray], outputs: list[Boxes]) -> None:
+        columns = ("boxes", "labels", "crowd")
+        truths = self.task.truth({k: torch.from_numpy(batch[k]) for k in columns if k in batch})
+        found = [{k: v.detach().cpu().float() for k, v in d.items()} for d in outputs]
+        for d in found:
+            d["labels"] = d["labels"].long()
+        offset = len(self.truths)
+        self.truths += truths
+        self.predictions += found
+        scores = [image_f1(p, t) for p, t in zip(found, truths)]
+        self._keep_worst(batch["image"], offset, scores)
+
+    def _keep_worst(self, images: np.ndarray, offset: int, scores: list[float]) -> None:
+        """The lowest F1s so far; only the images that make the cut are drawn."""
+        candidates = [(f1, offset + i) for i, f1 in enumerate(scores)]
+        ranked = sorted([(f1, row) for f1, row, _ in self.worst] + candidates)[:WORST_SHOWN]
+        pictures = {row: shown for _, row, shown in self.worst}
+        new = [row - offset for _, row in ranked if row not in pictures]
+        for i, image in zip(new, denormalize(images[new], self.augment) if new else []):
+            pictures[offset + i] = self._drawn(image, offset + i)
+        self.worst = [(f1, row, pictures[row]) for f1, row in ranked]
+
+    def _drawn(self, image: np.ndarray, row: int) -> list[np.ndarray]:
+        truth, found = self.truths[row], self.predictions[row]
+        shown = found["scores"] >= SHOWN_SCORE
+        return [
+            draw_boxes(image, truth["boxes"].numpy(), self.colours[truth["labels"].numpy()]),
+            draw_boxes(
+                image, found["boxes"][shown].numpy(), self.colours[found["labels"][shown].numpy()]
+            ),
+        ]
+
+    def write(self, folder: Path) -> EvalResult:
+        from raycv import plots  # matplotlib: only where pictures are drawn, not in workers
+
+        names = self.task.class_names
+        scores, raw = coco_map(self.predictions, self.truths, names, curves=True)
+        metrics = {
+            "map": scores["map"],
+            "map50": scores["map50"],
+            "map75": scores["map75"],
+            "per_class_ap": {n: _number(scores.get(f"ap/{n}", math.nan)) for n in names},
+            "images": len(self.truths),
+            "boxes": int(sum(len(t["labels"]) for t in self.truths)),
+            "worst": [{"row": row, "f1": f1} for f1, row, _ in self.worst],
+        }
+        legend = {n: tuple(int(c) for c in self.colours[i]) for i, n in enumerate(names)}
+        plots.precision_recall(_curves(raw, names), folder / "plots" / "pr_curve.png")
+        paths = {"pr_curve": "plots/pr_curve.png"}
+        if self.worst:
+            rows = [(f"row {row}: F1 {f1:.2f}", shown) for f1, row, shown in self.worst]
+            headers = ["truth", f"prediction (score >= {SHOWN_SCORE})"]
+            plots.image_rows(rows, headers, folder / "plots" / "worst.png", legend)
+            paths["worst"] = "plots/worst.png"
+        return EvalResult(metrics, paths, self._summary(metrics))
+
+    def _summary(self, metrics: dict[str, Any]) -> str:
+        counts = np.bincount(
+            torch.cat([t["labels"] for t in self.truths]).numpy(),
+            minlength=len(self.task.class_names),
+        )
+        width = max(map(len, [*self.task.class_names, "class"]))
+        lines = [
+            f"mAP {metrics['map']:.4f} (mAP@.5 {metrics['map50']:.4f}, mAP@.75 "
+            f"{metrics['map75']:.4f}) on {metrics['images']} images, {metrics['boxes']} boxes",
+            f"  {'class'.ljust(width)}  AP      boxes",
+        ]
+        for (name, ap), count in zip(metrics["per_class_ap"].items(), counts):
+            shown = "-     " if ap is None else f"{ap:.4f}"  # "-": no true box to score
+            lines.append(f"  {name.ljust(width)}  {shown}  {count}")
+        return "\n".join(lines)
+
+
+def image_f1(found: Boxes, truth: Boxes) -> float:
+    """F1 of one image's detections scoring at least ``SHOWN_SCORE``: each true box (crowd
+    ones left out) is found by at most one detection of its class at IoU ``MATCH_IOU`` or
+    more, the best-scoring first, as COCO matches. 1 when there is nothing to find and
+    nothing was found."""
+    keep = truth["iscrowd"] == 0
+    boxes, labels = truth["boxes"][keep], truth["labels"][keep]
+    shown = found["scores"] >= SHOWN_SCORE
+    order = torch.argsort(found["scores"][shown], descending=True)
+    det_boxes, det_labels = found["boxes"][shown][order], found["labels"][shown][order]
+    if not len(labels) and not len(det_labels):
+        return 1.0
+    taken = torch.zeros(len(labels), dtype=torch.bool)
+    overlaps = box_iou(det_boxes, boxes) if len(labels) and len(det_labels) else None
+    hits = 0
+    for i in range(len(det_labels)):
+        if overlaps is None:
+            break
+        candidates = (det_labels[i] == labels) & ~taken & (overlaps[i] >= MATCH_IOU)
+        if candidates.any():
+            taken[torch.argmax(torch.where(candidates, overlaps[i], -1.0))] = True
+            hits += 1
+    return 2 * hits / (len(labels) + len(det_labels))
+
+
+def _curves(raw: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+    """Each class's precision at COCO's 101 recall points, at IoU 0.5, all areas, 100
+    detections (torchmetrics' extended summary); classes with no true box left out."""
+    precision = raw["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
+    classes = raw["classes"].reshape(-1).tolist()
+    curves = {}
+    for k, cls in enumerate(classes):
+        values = precision[0, :, k, 0, -1].numpy()
+        if (values >= 0).any():  # -1: COCO had nothing to score
+            curves[names[int(cls)]] = np.clip(values, 0, None)
+    return curves
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
