@@ -9,12 +9,16 @@ pool, one GPU per actor when the cluster has GPUs), then the task's own per-file
 The predict run folder holds ``predictions.parquet`` and ``predictions.csv``, one row per
 file in the order the files were listed, with the columns ``path``, the task's own and
 ``error`` (``""`` for a good image, else why the file could not be read). In the CSV, list
-cells are ``;``-joined. What the task writes (``Task.prediction_writer``):
+cells are ``;``-joined (a box's four numbers space-separated). What the task writes
+(``Task.prediction_writer``):
 
 * classification (``TopKWriter``): ``class``, ``score``, ``top_classes``, ``top_scores``;
 * segmentation (``MaskWriter``): ``masks/<name>.png`` (class ids at the file's own size)
   and ``overlays/<name>.jpg`` per file, and the columns ``mask``, ``overlay`` and
-  ``area/<class>`` (each class's share of the image).
+  ``area/<class>`` (each class's share of the image);
+* detection (``BoxWriter``): ``overlays/<name>.jpg`` per file (its boxes drawn), and the
+  columns ``overlay``, ``count``, ``boxes`` (in the file's own pixels), ``classes`` and
+  ``scores``.
 
 Local paths must be readable by every Ray node: on a multi-node cluster, keep the images
 (and the checkpoint) on shared storage.
@@ -172,9 +176,10 @@ def _predictions(
         actors,
         "GPU" if gpus else "CPU",
     )
-    whole = TASKS.get(cfg.task).whole_frame
+    task = TASKS.get(cfg.task)
+    whole, boxes = task.whole_frame, "boxes" in task.targets
     ds = ray.data.read_binary_files(files, include_paths=True)
-    ds = ds.map_batches(_Decode(cfg.working_size, whole), batch_size=batch_size)
+    ds = ds.map_batches(_Decode(cfg.working_size, whole, boxes), batch_size=batch_size)
     ds = ds.map_batches(
         build_preset(cfg.augment.eval_preset, cfg.augment, cfg.model.image_size, whole_frame=whole),
         batch_size=batch_size,
@@ -196,14 +201,22 @@ def _predictions(
 @dataclass(frozen=True)
 class _Decode:
     """Ray Data batch function: file bytes -> images at the working size (centre-cropped,
-    or ``whole`` images squeezed into the square); bad files flagged."""
+    or ``whole`` images squeezed into the square); bad files flagged. ``boxes``: each image
+    also gets its aspect ratio and no boxes, so that the eval preset treats it as evaluation
+    does (a detector's photos are letterboxed, not squeezed)."""
 
     size: int
     whole: bool
+    boxes: bool = False
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, _, errors = decode_batch(batch["bytes"], batch["path"], self.size, self.whole)
-        return {"image": images, "path": batch["path"], "error": errors}
+        images, aspects, errors = decode_batch(batch["bytes"], batch["path"], self.size, self.whole)
+        out = {"image": images, "path": batch["path"], "error": errors}
+        if self.boxes:
+            n = len(images)
+            none = {"boxes": np.zeros((n, 0, 4), np.float32), "labels": np.zeros((n, 0), np.int64)}
+            out |= {"aspect": aspects, **none}
+        return out
 
 
 class _Predictor:
@@ -224,12 +237,8 @@ class _Predictor:
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
         with torch.inference_mode():
             outputs = self.task.forward(self.model, {"image": images.to(self.device)})
-            logits = self.task.logits(outputs).float()
-        return {
-            "path": batch["path"],
-            "error": batch["error"],
-            **self.writer.columns(logits, batch["error"] != ""),
-        }
+            columns = self.writer.columns(outputs, batch["error"] != "")
+        return {"path": batch["path"], "error": batch["error"], **columns}
 
 
 def _csv(table: pa.Table) -> pd.DataFrame:
@@ -238,6 +247,15 @@ def _csv(table: pa.Table) -> pd.DataFrame:
     frame = table.to_pandas()
     for column in table.schema:
         if pa.types.is_list(column.type):
-            text = "{:.6g}".format if pa.types.is_floating(column.type.value_type) else str
+            text = _cell_text(column.type.value_type)
             frame[column.name] = [";".join(map(text, cell)) for cell in frame[column.name]]
     return frame
+
+
+def _cell_text(value_type: pa.DataType):
+    """How one item of a list cell is written: numbers to 6 significant digits, and a list of
+    numbers (a box) as its numbers separated by spaces."""
+    number = "{:.6g}".format
+    if pa.types.is_list(value_type):
+        return lambda items: " ".join(map(number, items))
+    return number if pa.types.is_floating(value_type) else str

@@ -5,6 +5,7 @@ bad files counted or fatal; and the eval preset's letterbox keeping every box on
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -229,3 +230,26 @@ def test_real_kangaroo_voc_and_balloon_coco(ray_local):
     assert (balloon.train.count(), balloon.val.count()) == (61, 13)
     boxes = sum(int((row["labels"] >= 0).sum()) for row in balloon.train.take_all())
     assert boxes == 255
+
+
+def test_predicted_boxes_go_back_to_the_files_own_pixels(tmp_path):
+    """What predict's model saw was the letterboxed photo (64 px, bands above and below);
+    the box it found there is written in the file's own pixels and drawn on its overlay."""
+    from raycv.overlays import box_colours
+    from raycv.tasks.detection_outputs import RenderBoxes
+
+    photo = tmp_path / "p.png"
+    write_photo(photo, BOXES["c"])
+    batch = {
+        "path": np.array([str(photo)], dtype=object),
+        "error": np.array([""], dtype=object),
+        "boxes": np.array([[[16, 24, 48, 40], [0, 0, 0, 0]]], np.float32),
+        "labels": np.array([[0, -1]]),
+        "scores": np.array([[0.9, 0.0]], np.float32),
+    }
+    out = RenderBoxes(64, box_colours())(batch)
+    assert out["error"].tolist() == [""]
+    np.testing.assert_allclose(out["boxes"][0, 0], BOXES["c"], atol=1e-4)
+    overlay = np.asarray(Image.open(io.BytesIO(out["overlay_jpg"][0])))
+    assert overlay.shape == (HEIGHT, WIDTH, 3)
+    assert np.abs(overlay[12, 40:60].astype(int) - box_colours()[0]).max() < 60  # top edge

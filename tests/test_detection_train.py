@@ -63,3 +63,35 @@ def test_eval_of_the_checkpoint_repeats_training_map_and_draws(det_run):
     assert 0 <= metrics["worst"][0]["f1"] <= metrics["worst"][-1]["f1"] <= 1
     for picture in ("pr_curve.png", "worst.png"):
         assert (run.path / "plots" / picture).stat().st_size > 10_000
+
+
+def test_predict_writes_boxes_in_each_files_pixels_and_an_overlay(det_run, tmp_path):
+    """Photos of other sizes than the training squares, and a file that is no image: every
+    good one gets an overlay of its own size and its detections within its own frame."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from raycv.data import shapes
+    from raycv.predict import run_predict
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(96, 64), (50, 80)]):
+        drawn = shapes.render(i, image_size=64, num_classes=3, difficulty="easy", seed=5)
+        Image.fromarray(drawn["image"]).resize(size).save(photos / f"p{i}.png")
+    (photos / "broken.jpg").write_bytes(b"not a picture")
+    run = run_predict(det_run.best, [str(photos)], run=None)
+    table = pq.read_table(run.path / "predictions.parquet").to_pylist()
+    assert [Path(r["path"]).name for r in table] == ["broken.jpg", "p0.png", "p1.png"]
+    assert table[0]["error"] and table[0]["overlay"] == "" and table[0]["boxes"] == []
+    for row, (width, height) in zip(table[1:], [(96, 64), (50, 80)]):
+        assert row["error"] == ""
+        assert Image.open(run.path / row["overlay"]).size == (width, height)
+        boxes = np.array(row["boxes"]).reshape(-1, 4)
+        assert ((boxes >= 0) & (boxes <= [width, height, width, height])).all()
+        assert len(row["classes"]) == len(row["scores"]) == len(boxes)
+        assert set(row["classes"]) <= set(CLASSES)
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert row["count"] == sum(s >= 0.5 for s in row["scores"])
+    assert "p0.png" in (run.path / "predictions.csv").read_text()

@@ -101,8 +101,9 @@ class PredictionWriter(Protocol):
     paths: dict[str, str]  # outputs beside the tables, relative to the run folder
     settings: dict[str, Any]  # what shaped the outputs (top_k), for the manifest
 
-    def columns(self, logits: torch.Tensor, bad: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-row NumPy columns from a batch's logits; rows where ``bad`` have no image."""
+    def columns(self, outputs: Any, bad: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-row NumPy columns from the model's outputs for a batch (``Task.forward`` in
+        evaluation mode); rows where ``bad`` have no image."""
 
     def collect(self, batch: dict[str, np.ndarray]) -> None:
         """A batch of results: ``path``, ``error`` and what ``columns``/``render`` gave."""

@@ -101,16 +101,18 @@ class TopKWriter:
 
     render = None
 
-    def __init__(self, class_names: list[str], files: list[str], top_k: int) -> None:
-        self.class_names = class_names
+    def __init__(self, task: Classification, files: list[str], top_k: int) -> None:
+        self.task = task
+        self.class_names = class_names = task.class_names
         self.files = files
         self.top_k = min(top_k, len(class_names))
         self.paths: dict[str, str] = {}
         self.settings = {"top_k": self.top_k}
         self.rows: dict[str, dict[str, Any]] = {}
 
-    def columns(self, logits: torch.Tensor, bad: np.ndarray) -> dict[str, np.ndarray]:
-        scores, indices = logits.float().softmax(dim=1).topk(self.top_k, dim=1)
+    def columns(self, outputs: Any, bad: np.ndarray) -> dict[str, np.ndarray]:
+        logits = self.task.logits(outputs).float()
+        scores, indices = logits.softmax(dim=1).topk(self.top_k, dim=1)
         scores, indices = scores.cpu().numpy(), indices.cpu().numpy()
         scores[bad], indices[bad] = np.nan, -1
         return {"top_index": indices, "top_score": scores}
@@ -186,7 +188,7 @@ class Classification:
         return AccuracyReport(self)
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> TopKWriter:
-        return TopKWriter(self.class_names, files, top_k)
+        return TopKWriter(self, files, top_k)
 
     def export_spec(
         self, image_size: int, side_multiple: int | None, dynamic_sides: bool = True

@@ -28,7 +28,7 @@ from raycv.data.augment import denormalize
 from raycv.models import MODELS
 from raycv.tasks.base import TASKS, Metric, Preview
 from raycv.tasks.detection_metrics import DetectionEvaluator
-from raycv.tasks.detection_outputs import BoxReport
+from raycv.tasks.detection_outputs import BoxReport, BoxWriter
 
 Target = dict[str, torch.Tensor]
 
@@ -41,12 +41,13 @@ class Detection:
     default_model: ClassVar[str] = "fasterrcnn_mobilenet_v3_large_320_fpn"
     # Fine-tuning, compression, export, prediction, eval and previews are still to come.
     commands: ClassVar[frozenset[str] | None] = frozenset(
-        {"train", "tune", "doctor", "data preview", "eval"}
+        {"train", "tune", "doctor", "data preview", "eval", "predict"}
     )
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)
         self.shift = int(MODELS.get(cfg.model.name).background_class)
+        self.image_size = cfg.model.image_size
 
     def truth(self, batch: dict[str, torch.Tensor]) -> list[Target]:
         """Each image's own boxes, labels and crowd flags, padding left out."""
@@ -87,8 +88,8 @@ class Detection:
     def eval_report(self, augment: AugmentConfig) -> BoxReport:
         return BoxReport(self, augment)
 
-    def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> NoReturn:
-        _not_yet("raycv predict")
+    def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> BoxWriter:
+        return BoxWriter(self, files, folder, self.image_size)
 
     def export_spec(self, image_size: int, side_multiple, dynamic_sides: bool = True) -> NoReturn:
         _not_yet("raycv export")

@@ -1,22 +1,28 @@
 """Detection's stage outputs: ``raycv eval``'s box report (COCO mAP and each class's AP, the
 precision-recall curve at IoU 0.5, and the worst images drawn with their true and predicted
-boxes)."""
+boxes) and ``raycv predict``'s boxes in each file's own pixels, with an overlay each."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import torch
+from PIL import Image
 from torchvision.ops import box_iou
 
 from raycv.config import AugmentConfig
 from raycv.data.augment import denormalize
-from raycv.overlays import box_colours, draw_boxes
-from raycv.tasks.base import EvalResult
+from raycv.data.masks import open_upright
+from raycv.errors import BadImageError
+from raycv.overlays import box_colours, draw_boxes, jpeg
+from raycv.tasks.base import EvalResult, in_listing_order
 from raycv.tasks.detection_metrics import Boxes, coco_map
+from raycv.tasks.segmentation_outputs import OVERLAY_SIDE, OVERLAYS, output_names
 
 if TYPE_CHECKING:
     from raycv.tasks.detection import Detection
@@ -24,6 +30,7 @@ if TYPE_CHECKING:
 WORST_SHOWN = 8  # validation images with the lowest F1 that raycv eval draws
 SHOWN_SCORE = 0.5  # detections drawn, and counted in an image's F1, from this score up
 MATCH_IOU = 0.5  # a detection finds a true box of its class from this IoU up
+MAX_KEPT = 100  # detections per file that predict keeps (torchvision's detections_per_img)
 
 
 class BoxReport:
@@ -42,7 +49,9 @@ class BoxReport:
 
     def process(self, batch: dict[str, np.ndarray], outputs: list[Boxes]) -> None:
         columns = ("boxes", "labels", "crowd")
-        truths = self.task.truth({k: torch.from_numpy(batch[k]) for k in columns if k in batch})
+        # Ray may hand over read-only views of its object store; torch wants writable arrays.
+        given = {k: np.require(batch[k], requirements=["W"]) for k in columns if k in batch}
+        truths = self.task.truth({k: torch.from_numpy(v) for k, v in given.items()})
         found = [{k: v.detach().cpu().float() for k, v in d.items()} for d in outputs]
         for d in found:
             d["labels"] = d["labels"].long()
@@ -153,3 +162,126 @@ def _curves(raw: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
 
 def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
+
+
+@dataclass(frozen=True)
+class RenderBoxes:
+    """Ray Data batch function after the model: each file's detections, found in the
+    letterboxed ``size`` x ``size`` input, moved back to the file's own pixels, and an overlay
+    JPEG (longer side at most ``OVERLAY_SIDE``) with those scoring ``SHOWN_SCORE`` or more
+    drawn. Reads each file again for its size and pixels; never raises: a file that fails
+    now gets its error."""
+
+    size: int
+    colours: np.ndarray
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["path"])
+        boxes = np.asarray(batch["boxes"], np.float32).copy()
+        overlays = np.full(n, b"", dtype=object)
+        errors = np.asarray(batch["error"], dtype=object).copy()
+        for i, path in enumerate(batch["path"]):
+            if not errors[i]:
+                try:
+                    boxes[i], overlays[i] = self.render(str(path), boxes[i], batch, i)
+                except BadImageError as e:
+                    errors[i] = str(e)
+        kept = {k: batch[k] for k in ("path", "labels", "scores")}
+        return {**kept, "boxes": boxes, "overlay_jpg": overlays, "error": errors}
+
+    def render(
+        self, path: str, boxes: np.ndarray, batch: dict[str, np.ndarray], i: int
+    ) -> tuple[np.ndarray, bytes]:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:  # gone or changed since it was decoded
+            raise BadImageError(f"{path}: not readable ({type(e).__name__}: {e})") from e
+        image, (width, height) = open_upright(data, path, OVERLAY_SIDE)
+        # The eval preset fitted the long side to ``size`` and centred the rest: undo that.
+        scale = self.size / max(width, height)
+        shift = np.array([self.size - width * scale, self.size - height * scale] * 2) / 2
+        limits = np.array([width, height, width, height], np.float32)
+        own = np.clip((boxes - shift) / scale, 0, limits).astype(np.float32)
+        side = min(1.0, OVERLAY_SIDE / max(width, height))
+        shown_size = (max(1, round(width * side)), max(1, round(height * side)))
+        pixels = np.asarray(image.resize(shown_size, Image.Resampling.BILINEAR))
+        labels, scores = batch["labels"][i], batch["scores"][i]
+        drawn = (labels >= 0) & (scores >= SHOWN_SCORE)
+        picture = draw_boxes(pixels, own[drawn] * side, self.colours[labels[drawn]], width=2)
+        return own, jpeg(picture)
+
+
+class BoxWriter:
+    """``raycv predict``: per good file, ``overlays/<name>.jpg`` (the image with the boxes
+    scoring ``SHOWN_SCORE`` or more drawn), named by ``output_names``. Columns of
+    predictions.parquet, detections best first (at most ``MAX_KEPT``, from the model's own
+    score floor up):
+
+    * ``overlay``: that file, relative to the run folder; "" for a bad file.
+    * ``count``: the detections scoring ``SHOWN_SCORE`` or more.
+    * ``boxes``: x0, y0, x1, y1 in the file's own (upright) pixels, one list per detection.
+    * ``classes`` / ``scores``: each detection's class name and score.
+    """
+
+    def __init__(self, task: Detection, files: list[str], folder: Path, size: int) -> None:
+        self.class_names = task.class_names
+        self.files = files
+        self.folder = folder
+        self.names = output_names(files)
+        self.render = RenderBoxes(size, box_colours())
+        self.paths = {"overlays": OVERLAYS}
+        self.settings: dict[str, Any] = {"shown_score": SHOWN_SCORE}
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def columns(self, outputs: list[Boxes], bad: np.ndarray) -> dict[str, np.ndarray]:
+        """Each image's detections padded to ``MAX_KEPT`` rows (label -1), best first."""
+        n = len(outputs)
+        boxes = np.zeros((n, MAX_KEPT, 4), np.float32)
+        labels = np.full((n, MAX_KEPT), -1, np.int64)
+        scores = np.zeros((n, MAX_KEPT), np.float32)
+        for i, found in enumerate(outputs):
+            order = torch.argsort(found["scores"], descending=True)[:MAX_KEPT].cpu()
+            k = len(order)
+            boxes[i, :k] = found["boxes"].cpu()[order].numpy()
+            labels[i, :k] = found["labels"].cpu()[order].numpy()
+            scores[i, :k] = found["scores"].cpu()[order].numpy()
+        labels[bad] = -1
+        return {"boxes": boxes, "labels": labels, "scores": scores}
+
+    def collect(self, batch: dict[str, np.ndarray]) -> None:
+        for path, error, boxes, labels, scores, jpg in zip(
+            batch["path"],
+            batch["error"],
+            batch["boxes"],
+            batch["labels"],
+            batch["scores"],
+            batch["overlay_jpg"],
+        ):
+            real = labels >= 0 if not error else np.zeros(len(labels), bool)
+            row = {
+                "boxes": [[float(v) for v in box] for box in boxes[real]],
+                "classes": [self.class_names[k] for k in labels[real]],
+                "scores": [float(s) for s in scores[real]],
+                "overlay": "",
+                "error": str(error),
+            }
+            if not error:
+                row["overlay"] = f"{OVERLAYS}/{self.names[str(path)]}.jpg"
+                (self.folder / OVERLAYS).mkdir(exist_ok=True)
+                (self.folder / row["overlay"]).write_bytes(jpg)
+            self.rows[str(path)] = row
+
+    def table(self) -> pa.Table:
+        rows = in_listing_order(self.rows, self.files)
+        counts = [sum(s >= SHOWN_SCORE for s in r["scores"]) for r in rows]
+        return pa.table(
+            {
+                "path": pa.array(self.files, pa.string()),
+                "overlay": pa.array([r["overlay"] for r in rows], pa.string()),
+                "count": pa.array(counts, pa.int64()),
+                "boxes": pa.array([r["boxes"] for r in rows], pa.list_(pa.list_(pa.float64()))),
+                "classes": pa.array([r["classes"] for r in rows], pa.list_(pa.string())),
+                "scores": pa.array([r["scores"] for r in rows], pa.list_(pa.float64())),
+                "error": pa.array([r["error"] for r in rows], pa.string()),
+            }
+        )

@@ -183,6 +183,7 @@ class MaskWriter:
     """
 
     def __init__(self, task: Segmentation, files: list[str], folder: Path) -> None:
+        self.task = task
         self.class_names = task.class_names
         self.files = files
         self.folder = folder
@@ -192,7 +193,8 @@ class MaskWriter:
         self.settings: dict[str, Any] = {}
         self.rows: dict[str, dict[str, Any]] = {}
 
-    def columns(self, logits: torch.Tensor, bad: np.ndarray) -> dict[str, np.ndarray]:
+    def columns(self, outputs: Any, bad: np.ndarray) -> dict[str, np.ndarray]:
+        logits = self.task.logits(outputs)
         return {"classes": logits.argmax(dim=1).to(torch.uint8).cpu().numpy()}
 
     def collect(self, batch: dict[str, np.ndarray]) -> None:
