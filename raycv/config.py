@@ -442,6 +442,49 @@ class TuneConfig(Section):
         return self
 
 
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking server, database or file: store (default: "
+        "MLFLOW_TRACKING_URI, else a file: store in <run.storage>/mlruns); no credentials "
+        "here: MLflow reads them from the environment (MLFLOW_TRACKING_TOKEN, ...)",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment the runs go to (default: the config's experiment)"
+    )
+
+    @model_validator(mode="after")
+    def _store(self) -> MlflowConfig:
+        uri = self.tracking_uri
+        if not uri:  # unset: MLFLOW_TRACKING_URI, else the file: store under run.storage
+            return self
+        # A model validator: its error does not echo the value, which holds the credential.
+        found = credentials_in(uri) if is_uri(uri) else None
+        if found:
+            raise ValueError(
+                f"the tracking URI carries a credential ({found}): remove it and set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        from raycv.trackers import absolute_store
+
+        absolute = absolute_store(uri)  # a run's processes start in other folders
+        if absolute != uri:
+            self.tracking_uri = absolute
+        return self
+
+
+class WandbConfig(Section):
+    project: str | None = Field(
+        None, description="W&B project (default: the config's experiment); team: WANDB_ENTITY"
+    )
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto",
+        description="auto: online when WANDB_API_KEY is set, else offline into the run "
+        "folder's wandb/ (wandb sync uploads it later)",
+    )
+
+
 class RunConfig(Section):
     storage: str = Field(
         "runs",
@@ -458,6 +501,22 @@ class RunConfig(Section):
         "127.0.0.1",
         description="address a local Ray's dashboard listens on; 0.0.0.0 opens it to the network",
     )
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        ["tensorboard"],
+        description="experiment trackers each epoch's metrics go to (metrics.jsonl always): "
+        "tensorboard (tb/), mlflow, wandb; mlflow and wandb are extras: pip install "
+        "'raycv[mlflow]'",
+    )
+    mlflow: MlflowConfig = MlflowConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    @field_validator("loggers")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return value
 
     @model_validator(mode="after")
     def _no_credentials(self) -> RunConfig:
@@ -510,7 +569,14 @@ class Config(Section):
             _check_folder_root(
                 self.data.mask_folder.root, "data.mask_folder.root", "a folder of images and masks"
             )
+        if self.data.source in ("coco", "voc", "yolo"):
+            source = self.data.source
+            root = getattr(self.data, source).root
+            _check_folder_root(root, f"data.{source}.root", f"a {source.upper()} dataset folder")
         _check_finetune(self)
+        from raycv import trackers
+
+        trackers.check(self)  # each of run.loggers installed (an extra), with a store
         return self
 
     @property

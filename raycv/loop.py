@@ -32,6 +32,8 @@ from raycv.optim import build_optimizer, build_scheduler, scaled_lr
 from raycv.pruning import PRUNERS, prune_model
 from raycv.runs import MetricsRecorder, RunFolder
 from raycv.tasks import Task, build_task, total
+from raycv.trackers import Tracker
+from raycv.trackers import open_all as open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +260,23 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
 @torch.no_grad()
 def evaluate(model, task: Task, shard, cfg: Config, device) -> dict[str, float]:
     model.eval()
+    _share_buffers(model)
     meter = task.evaluator()
     for batch in _batches(shard, cfg, device, train=False):
         outputs, losses = _forward(model, task, batch, cfg, device)
         meter.process(batch, outputs, losses)
     meter.sync(device)
     return meter.evaluate("val")
+
+
+def _share_buffers(model) -> None:
+    """Every worker validates with rank 0's BatchNorm statistics, those its checkpoint
+    keeps. DDP copies them from rank 0 before each training step only, so each worker's
+    last step left its own: the shards would be scored by slightly different models, and
+    the recorded metric would not be the saved model's."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model_of(model).buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _forward(model, task: Task, batch, cfg: Config, device, teacher: Teacher | None = None):
@@ -335,9 +348,14 @@ def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> No
         )
 
 
-def recorder(cfg: Config, run: RunFolder, prune: bool = False) -> MetricsRecorder:
+def recorder(
+    cfg: Config, run: RunFolder, prune: bool = False, trackers: list[Tracker] | None = None
+) -> MetricsRecorder:
+    """The run's recorder; ``trackers``: those the driver started (default: the config's,
+    with the run ids its folder keeps: --local records in the driver's own process)."""
     c = cfg.checkpoint
-    return MetricsRecorder(run, cfg.train.epochs, c.keep, c.metric, c.mode, prune)
+    trackers = open_trackers(cfg, run) if trackers is None else trackers
+    return MetricsRecorder(run, cfg.train.epochs, c.keep, c.metric, c.mode, prune, trackers)
 
 
 def _mkdir(path: Path) -> Path:

@@ -20,8 +20,10 @@ LOCATORS = frozenset({"experiment", "run.storage"})
 # A train or finetune run may also read its data from where it was moved (the classes are
 # checked against the run's before training), go on for longer (the learning-rate schedule
 # is drawn again for the new length, from the epoch it stopped at), survive more failures
-# and keep more or fewer checkpoints.
+# and keep more or fewer checkpoints, and log to other experiment trackers (an MLflow or W&B
+# run that this run folder started goes on; one turned on now gets the earlier epochs too).
 TRAINING = LOCATORS | {"data.folder.root", "train.epochs", "run.max_failures", "checkpoint.keep"}
+TRAINING |= {"run.loggers", "run.mlflow.tracking_uri", "run.wandb.mode"}
 
 
 def given_keys(overrides: Sequence[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Run folders: where each stage's config, manifest, metrics, checkpoints and plots live.
 
 ``runs/<experiment>/<stage>-<timestamp>/`` holds ``config.yaml``, ``manifest.json``,
-``metrics.jsonl``, ``checkpoints/epoch_NNNN/``, ``tb/`` (TensorBoard) and ``plots/``.
+``metrics.jsonl``, ``checkpoints/epoch_NNNN/``, ``tb/`` (TensorBoard), ``plots/`` and, with
+MLflow or W&B on (``raycv.trackers``), ``trackers.json`` (their run ids) and ``wandb/``.
 With ``run.storage`` on object storage the run lives at its URI and raycv writes through a
 local mirror of it (``raycv.storage``)."""
 
@@ -15,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from raycv import __version__, atomic
 from raycv import storage as remote
+from raycv import trackers as tracking
 from raycv.checkpoint import checkpoint_epochs, epoch_dir_name
 from raycv.checkpoint import load as load_checkpoint
 from raycv.config import ConfigError
@@ -238,8 +240,9 @@ def code_version() -> str:
 
 @dataclass
 class MetricsRecorder:
-    """Driver-side record of each epoch report: metrics.jsonl, TensorBoard, a progress line,
-    and a copy of the best checkpoint by ``metric`` in ``best/``.
+    """Driver-side record of each epoch report: metrics.jsonl, the experiment ``trackers``
+    (``raycv.trackers``: TensorBoard, MLflow, W&B), a progress line, and a copy of the best
+    checkpoint by ``metric`` in ``best/``.
 
     Ray Train keeps the ``keep`` latest checkpoints itself (its resume refuses a run whose
     tracked checkpoints were deleted behind its back), so the best one is copied out rather
@@ -253,16 +256,17 @@ class MetricsRecorder:
     metric: str
     mode: str
     prune: bool = False
+    trackers: Sequence[tracking.Tracker] = ()
 
     def record(self, per_worker: list[dict[str, Any]], saved: str | None = None) -> None:
         """Append the epoch's row (``_row``); ``saved`` is the folder of the checkpoint
         reported with it."""
         metrics = _row(per_worker)
         history = [m for m in read_metrics(self.run.metrics) if m["epoch"] < metrics["epoch"]]
-        history += self._unrecorded(history, metrics["epoch"])
-        history.append(metrics)
+        new = [*self._unrecorded(history, metrics["epoch"]), metrics]
+        history += new
         atomic.write_text(self.run.metrics, "".join(json.dumps(m) + "\n" for m in history))
-        self._tensorboard(metrics)
+        tracking.record(self.trackers, self.run, new, last=metrics["epoch"] >= self.epochs)
         if saved and self.best(history) is metrics:
             self._keep_best(saved)
         if self.prune:
@@ -307,14 +311,6 @@ class MetricsRecorder:
         remote.replace_on_store(self.run.uri, saved, "best")  # nothing crosses the network
         best = remote.join(self.run.uri, "best")
         _replace_tree(lambda staging: remote.download(best, staging), self.run.best)
-
-    def _tensorboard(self, metrics: dict[str, Any]) -> None:
-        from tensorboardX import SummaryWriter
-
-        with SummaryWriter(str(self.run.tensorboard)) as writer:
-            for key, value in metrics.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, metrics["epoch"])
 
 
 def _row(per_worker: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycv import checkpoint, plots, verbosity
+from raycv import checkpoint, plots, trackers, verbosity
 from raycv import storage as remote
 from raycv.checkpoint import EPOCH_DIR, checkpoint_epochs
 from raycv.config import Config, ConfigError, dump_config, load_saved
@@ -135,6 +135,7 @@ def fit(
         )
     extra = {"skipped_files": streams.skipped}
     write_manifest(run, cfg, "running", extra, kind, parent=cfg.finetune.source)
+    started = trackers.start(cfg, run, kind)  # MLflow, W&B: their run made or found again
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
@@ -148,7 +149,7 @@ def fit(
             storage_path=run.where,  # for a run on object storage, straight to the store
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=max_failures(cfg)),
-            callbacks=[_RecordReports(recorder(cfg, run), progress), *callbacks],
+            callbacks=[_RecordReports(recorder(cfg, run, trackers=started), progress), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
         ),
         datasets={"train": streams.train, "val": streams.val},
@@ -161,6 +162,7 @@ def fit(
         # The paths make the best epoch so far usable: eval, export and --from take the run.
         failed = {**extra, "error": reason, "paths": _paths(run, None)}
         write_manifest(run, cfg, "failed", failed, kind, parent=cfg.finetune.source)
+        _finish_trackers(run, cfg, "FAILED", failed["paths"])
         raise RunFailedError(f"training failed: {reason}; {failure_hint(reason, run)}") from e
     return streams.skipped
 
@@ -238,6 +240,8 @@ def finish(
     history = read_metrics(run.metrics)
     curves = plots.training_curves(history, run.plots / "curves.png") if history else None
     best = recorder(cfg, run).best(history)
+    paths = _paths(run, curves)
+    _finish_trackers(run, cfg, "FINISHED", paths, best)
     write_manifest(
         run,
         cfg,
@@ -246,7 +250,7 @@ def finish(
             "metrics": {"final": history[-1] if history else {}, "best": best or {}},
             "elapsed_s": round(time.time() - started, 1),
             "skipped_files": skipped,
-            "paths": _paths(run, curves),
+            "paths": paths,
         },
         kind=kind,
         parent=cfg.finetune.source,
@@ -256,12 +260,22 @@ def finish(
     return run
 
 
+def _finish_trackers(
+    run: RunFolder, cfg: Config, status: str, paths: dict, best: dict | None = None
+) -> None:
+    """MLflow, W&B: the plots, where the best checkpoint is, the status."""
+    at = paths["best_checkpoint"]
+    where = (remote.join(run.uri, at) if run.uri else str(run.path / at)) if at else None
+    outcome = trackers.Outcome(status, cfg.checkpoint.metric, best, where)
+    trackers.finish(cfg, run, outcome)
+
+
 def _paths(run: RunFolder, curves) -> dict[str, str | None]:
     best_dir = run.best if (run.best / "checkpoint.pt").is_file() else None
     return {
         "config": run.config.name,
         "metrics": run.metrics.name,
-        "tensorboard": run.tensorboard.name,
+        "tensorboard": run.tensorboard.name if run.tensorboard.is_dir() else None,
         "latest_checkpoint": _latest_checkpoint(run),
         "best_checkpoint": str(best_dir.relative_to(run.path)) if best_dir else None,
         "curves": str(curves.relative_to(run.path)) if curves else None,

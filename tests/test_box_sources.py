@@ -183,9 +183,14 @@ def test_more_boxes_than_max_boxes_keeps_the_first_and_says_so(ray_local, tmp_pa
     assert "1 images have more than data.max_boxes=3 boxes (up to 5)" in caplog.text
 
 
-def test_a_missing_root_is_one_line_before_anything_is_read():
-    with pytest.raises(DataError, match=r"^data\.voc\.root is required when data\.source=voc$"):
-        SOURCES.get("voc")(from_dict({"task": "detection", "data": {"source": "voc"}}))
+def test_a_missing_root_is_one_line_before_anything_is_read(tmp_path):
+    from raycv.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data\.voc\.root is required when data\.source=voc$"):
+        from_dict({"task": "detection", "data": {"source": "voc"}})
+    gone = tmp_path / "gone"
+    with pytest.raises(ConfigError, match=rf"^data\.yolo\.root='{gone}' is not a folder; point"):
+        from_dict({"task": "detection", "data": {"source": "yolo", "yolo": {"root": str(gone)}}})
 
 
 def test_the_eval_letterbox_keeps_proportions_and_every_box(tmp_path):

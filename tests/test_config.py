@@ -147,7 +147,7 @@ def test_unknown_model_lists_every_registered_model():
 
 def test_unknown_data_source_lists_the_sources():
     message = config_error({}, ["data.source=imagenet"])
-    known = "folder, mask_folder, shapes"
+    known = "coco, folder, mask_folder, shapes, voc, yolo"
     assert message == f"data.source='imagenet' is unknown; choose one of: {known}"
 
 

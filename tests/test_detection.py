@@ -70,7 +70,7 @@ def test_commands_detection_cannot_run_yet_refuse_in_one_line(command, capsys, t
 def test_the_preview_outlines_each_box_in_its_class_colour_and_crowd_apart():
     from raycv.overlays import IGNORE_COLOUR, box_colours
 
-    cfg, task = det_task()
+    _, task = det_task()
     plain = AugmentConfig(mean=(0, 0, 0), std=(1, 1, 1))
     image = np.full((1, 3, 32, 32), 0.5, np.float32)
     boxes = np.zeros((1, 3, 4), np.float32)
