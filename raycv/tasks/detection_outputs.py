@@ -4,6 +4,7 @@ boxes) and ``raycv predict``'s boxes in each file's own pixels, with an overlay 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ WORST_SHOWN = 8  # validation images with the lowest F1 that raycv eval draws
 SHOWN_SCORE = 0.5  # detections drawn, and counted in an image's F1, from this score up
 MATCH_IOU = 0.5  # a detection finds a true box of its class from this IoU up
 MAX_KEPT = 100  # detections per file that predict keeps (torchvision's detections_per_img)
+COCO_RESULTS = "detections.json"  # predict's detections in COCO's results format
 
 
 class BoxReport:
@@ -229,7 +231,7 @@ class BoxWriter:
         self.folder = folder
         self.names = output_names(files)
         self.render = RenderBoxes(size, box_colours())
-        self.paths = {"overlays": OVERLAYS}
+        self.paths = {"overlays": OVERLAYS, "coco_results": COCO_RESULTS}
         self.settings: dict[str, Any] = {"shown_score": SHOWN_SCORE}
         self.rows: dict[str, dict[str, Any]] = {}
 
@@ -272,7 +274,10 @@ class BoxWriter:
             self.rows[str(path)] = row
 
     def table(self) -> pa.Table:
+        """The table, once every file is in; the same detections also go to
+        ``detections.json`` in COCO's results format."""
         rows = in_listing_order(self.rows, self.files)
+        self._coco_results(rows)
         counts = [sum(s >= SHOWN_SCORE for s in r["scores"]) for r in rows]
         return pa.table(
             {
@@ -285,3 +290,21 @@ class BoxWriter:
                 "error": pa.array([r["error"] for r in rows], pa.string()),
             }
         )
+
+    def _coco_results(self, rows: list[dict[str, Any]]) -> None:
+        """COCO's results format (pycocotools ``loadRes``, faster-coco-eval): one entry per
+        detection, ``image_id`` the file's place in the listing (``file_name`` names it),
+        ``category_id`` the class id, ``bbox`` x, y, width, height in the file's pixels."""
+        results = [
+            {
+                "image_id": image_id,
+                "file_name": path,
+                "category_id": self.class_names.index(name),
+                "category": name,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": score,
+            }
+            for image_id, (path, row) in enumerate(zip(self.files, rows))
+            for (x0, y0, x1, y1), name, score in zip(row["boxes"], row["classes"], row["scores"])
+        ]
+        (self.folder / COCO_RESULTS).write_text(json.dumps(results))
