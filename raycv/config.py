@@ -169,7 +169,8 @@ class ModelConfig(Section):
     encoder: str | None = Field(
         None,
         description="segmentation-models-pytorch models (unet, pspnet, deeplabv3plus): the "
-        "encoder, e.g. resnet18, resnet34, mobilenet_v2, efficientnet-b0 (default resnet18)",
+        "encoder, e.g. resnet18, resnet34, mobilenet_v2, efficientnet-b0; yolo_n, yolo_s: the "
+        "backbone, resnet18/34/50 or mobilenet_v3_small/large (default resnet18)",
     )
 
 
@@ -671,13 +672,11 @@ def _check_encoder(cfg: Config, spec) -> None:
     encoder = cfg.model.encoder
     if encoder is None:
         return
-    if spec.encoder is None:
+    if spec.encoders is None:
         raise ValueError(
-            f"model.encoder is for unet, pspnet and deeplabv3plus, not {cfg.model.name}"
+            f"model.encoder is for unet, pspnet, deeplabv3plus and yolo_*, not {cfg.model.name}"
         )
-    from raycv.models.segmentation import smp_encoders
-
-    known = smp_encoders()
+    known = spec.encoders()
     if encoder not in known:
         close = difflib.get_close_matches(encoder, known, n=5)
         raise ValueError(

@@ -429,4 +429,4 @@ def test_a_model_of_another_task_is_refused_naming_the_task_s_models():
     message = config_error({}, ["task=segmentation", "model.encoder=resnet19"])
     assert message.startswith("model.encoder='resnet19' is unknown; e.g. resnet")
     message = config_error({}, ["model.encoder=resnet18"])
-    assert message == "model.encoder is for unet, pspnet and deeplabv3plus, not resnet18"
+    assert message == "model.encoder is for unet, pspnet, deeplabv3plus and yolo_*, not resnet18"

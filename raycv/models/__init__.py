@@ -1,6 +1,6 @@
 """Models by name (``MODELS``), for every task, behind ``create_model``."""
 
-from raycv.models import classification, detection, segmentation
+from raycv.models import classification, detection, segmentation, yolo
 from raycv.models.classification import INCEPTION_AUX_MIN_SIZE
 from raycv.models.registry import (
     MODELS,
@@ -22,4 +22,5 @@ __all__ = [
     "detection",
     "replace_heads",
     "segmentation",
+    "yolo",
 ]

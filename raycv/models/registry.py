@@ -39,7 +39,8 @@ class ModelSpec:
     aux_weight: float = 0.0  # weight of an auxiliary output's loss (segmentation)
     min_batch: int = 1  # smallest training batch per worker (BatchNorm after global pooling)
     dynamic_sides: bool = True  # a segmenter's ONNX export takes any height and width
-    encoder: str | None = None  # default segmentation-models-pytorch encoder; None: no encoder
+    encoder: str | None = None  # default encoder (smp, or yolo's backbone); None: no encoder
+    encoders: Callable[[], list[str]] | None = None  # the encoder names it accepts
     # Options that depend on the weights and input size (Inception's auxiliary head).
     options: Callable[[str | None, int | None], dict[str, Any]] | None = None
     # Fix-ups after loading pretrained weights, given the input size.

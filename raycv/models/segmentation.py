@@ -69,6 +69,7 @@ for _name, _arch, _stride, _min_batch, _dynamic in (
             min_batch=_min_batch,
             dynamic_sides=_dynamic,
             encoder="resnet18",
+            encoders=smp_encoders,
             build=smp_model,
             backbone=Backbone(None),
         ),
