@@ -287,7 +287,11 @@ def test_resolved_config_round_trips(tmp_path, shapes_cfg):
 
 
 # Recipes for a user's own data leave its place to the command line.
-USER_DATA = {"folder.yaml": "data.folder.root", "seg_folder.yaml": "data.mask_folder.root"}
+USER_DATA = {
+    "folder.yaml": "data.folder.root",
+    "seg_folder.yaml": "data.mask_folder.root",
+    "det_folder.yaml": "data.voc.root",
+}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -311,6 +315,7 @@ def test_shipped_configs_exist():
         "seg_folder.yaml",
         "seg_quickstart.yaml",
         "det_smoke.yaml",
+        "det_folder.yaml",
     }
 
 
