@@ -561,7 +561,7 @@ class Config(Section):
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
         from raycv.models import check_input_size, check_weights
 
-        check_weights(self.model.name, self.model.weights)
+        check_weights(self.model.name, self.model.weights, self.model.encoder)
         _check_pruning(self)
         check_input_size(self.model.name, self.model.image_size, self.model.weights)
         if self.data.source == "folder":

@@ -5,6 +5,8 @@ unsupported backbone in one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.ops import box_iou
@@ -213,3 +215,33 @@ def test_a_config_takes_every_yolo_backbone_and_names_them_for_another():
         assert cfg.model.encoder == encoder
     with pytest.raises(ConfigError, match=r"model.encoder='vgg11' is unknown; e\.g\. .*resnet18"):
         from_dict({"task": "detection", "model": {"name": "yolo_n", "encoder": "vgg11"}})
+
+
+def test_model_weights_give_the_backbone_torchvisions_imagenet_weights_offline(
+    tmp_path, monkeypatch
+):
+    """model.weights names the encoder's weights; read from torchvision's cache (a state
+    dict written there), never downloaded here."""
+    import torchvision
+
+    from raycv.config import ConfigError, from_dict
+    from raycv.models import create_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / Path(weights.url).name)
+    model = create_model("yolo_n", num_classes=3, weights="DEFAULT", encoder="resnet18")
+    assert torch.equal(model.state_dict()["backbone.conv1.weight"], state["conv1.weight"])
+    assert torch.equal(
+        model.state_dict()["backbone.layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"]
+    )
+    cfg = from_dict({"task": "detection", "model": {"name": "yolo_n", "weights": "IMAGENET1K_V1"}})
+    assert cfg.model.weights == "IMAGENET1K_V1"
+    with pytest.raises(
+        ConfigError,
+        match=r"not a weights name of yolo_n's encoder resnet18; "
+        r"choose one of: IMAGENET1K_V1, DEFAULT",
+    ):
+        from_dict({"task": "detection", "model": {"name": "yolo_n", "weights": "COCO_V1"}})

@@ -41,6 +41,7 @@ class ModelSpec:
     dynamic_sides: bool = True  # a segmenter's ONNX export takes any height and width
     encoder: str | None = None  # default encoder (smp, or yolo's backbone); None: no encoder
     encoders: Callable[[], list[str]] | None = None  # the encoder names it accepts
+    encoder_weights: bool = False  # model.weights names its encoder's torchvision weights
     # Options that depend on the weights and input size (Inception's auxiliary head).
     options: Callable[[str | None, int | None], dict[str, Any]] | None = None
     # Fix-ups after loading pretrained weights, given the input size.
@@ -76,24 +77,27 @@ def check_input_size(name: str, image_size: int, weights: str | None = None) -> 
         )
 
 
-def check_weights(name: str, weights: str | None) -> None:
+def check_weights(name: str, weights: str | None, encoder: str | None = None) -> None:
     """Raise ValueError naming the valid choices when ``weights`` is not a weights name of
-    ``name`` (checked before Ray starts; the download itself happens on the workers)."""
+    ``name`` (of its ``encoder`` where the entry says so; checked before Ray starts; the
+    download itself happens on the workers)."""
     if not weights or name not in MODELS:
         return
     spec = MODELS.get(name)
-    if not spec.torchvision:
+    if not spec.torchvision and not spec.encoder_weights:
         raise ValueError(
             f"model.weights: {name} has no torchvision weights; start from a raycv "
             "classification run's backbone with finetune.source=RUN"
         )
     import torchvision
 
-    enum = torchvision.models.get_model_weights(spec.builder)
+    builder = (encoder or spec.encoder) if spec.encoder_weights else spec.builder
+    enum = torchvision.models.get_model_weights(builder)
     names = list(enum.__members__)  # includes the DEFAULT alias
     if weights not in names and weights not in {f"{enum.__name__}.{n}" for n in names}:
+        whose = f"{name}'s encoder {builder}" if spec.encoder_weights else name
         raise ValueError(
-            f"model.weights={weights!r} is not a weights name of {name}; "
+            f"model.weights={weights!r} is not a weights name of {whose}; "
             f"choose one of: {', '.join(names)}"
         )
 
@@ -113,6 +117,8 @@ def create_model(
     if spec.patch and image_size and not weights and spec.task == "classification":
         kwargs["image_size"] = image_size  # ViT: its position embeddings fit the input
     if spec.build is not None:
+        if spec.encoder_weights:
+            kwargs["weights"] = weights
         return spec.build(spec, num_classes, encoder or spec.encoder, **kwargs)
     import torchvision
 

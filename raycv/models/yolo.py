@@ -228,10 +228,11 @@ class YOLO(nn.Module):
         return out
 
 
-def feature_backbone(encoder: str) -> tuple[nn.Module, tuple[int, ...]]:
-    """``encoder`` from raycv's registry, random weights, cut at strides 8, 16 and 32; and
-    the channels of those maps (from one small forward pass, in evaluation mode so that
-    BatchNorm's running statistics stay untouched)."""
+def feature_backbone(encoder: str, weights: str | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """``encoder`` from raycv's registry, with torchvision's ``weights`` for it (ImageNet:
+    what lets a detector learn from a few hundred photos) or random ones, cut at strides 8,
+    16 and 32; and the channels of those maps (from one small forward pass, in evaluation
+    mode so that BatchNorm's running statistics stay untouched)."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     from raycv.models.registry import create_model
@@ -241,7 +242,7 @@ def feature_backbone(encoder: str) -> tuple[nn.Module, tuple[int, ...]]:
             f"model.encoder={encoder!r} is not a yolo backbone; choose one of: "
             f"{', '.join(RETURN_NODES)}"
         )
-    classifier = create_model(encoder, num_classes=1)  # weights=None: nothing is downloaded
+    classifier = create_model(encoder, num_classes=1, weights=weights)  # the head is cut off
     nodes = {node: f"p{i + 3}" for i, node in enumerate(RETURN_NODES[encoder])}
     backbone = create_feature_extractor(classifier, nodes)
     with torch.no_grad():
@@ -252,8 +253,10 @@ def feature_backbone(encoder: str) -> tuple[nn.Module, tuple[int, ...]]:
     return backbone, tuple(m.shape[1] for m in maps)
 
 
-def build_yolo(spec: ModelSpec, num_classes: int, encoder: str | None, **kwargs: Any) -> YOLO:
-    backbone, channels = feature_backbone(encoder or "resnet18")
+def build_yolo(
+    spec: ModelSpec, num_classes: int, encoder: str | None, weights: str | None = None, **kwargs
+) -> YOLO:
+    backbone, channels = feature_backbone(encoder or "resnet18", weights)
     return YOLO(backbone, channels, num_classes, **kwargs)
 
 
@@ -271,6 +274,7 @@ for _name, _width in WIDTHS.items():
             dynamic_sides=False,
             encoder="resnet18",
             encoders=lambda: list(RETURN_NODES),
+            encoder_weights=True,
             build=build_yolo,
             backbone=Backbone(None, target_prefix="backbone."),
             background_class=False,
