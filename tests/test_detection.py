@@ -50,7 +50,7 @@ def test_a_classifier_is_refused_for_detection():
         load_config(None, ["task=detection", "model.name=resnet18"])
 
 
-@pytest.mark.parametrize("command", [["pipeline"], ["finetune"]])
+@pytest.mark.parametrize("command", [["pipeline"]])
 def test_commands_detection_cannot_run_yet_refuse_in_one_line(command, capsys, tmp_path):
     from raycv.cli import main
 
@@ -59,7 +59,7 @@ def test_commands_detection_cannot_run_yet_refuse_in_one_line(command, capsys, t
     err = capsys.readouterr().err.strip()
     assert err == (
         f"error: task=detection does not support raycv {' '.join(command)} yet; "
-        "it supports raycv data preview, doctor, eval, train, tune"
+        "it supports raycv data preview, doctor, eval, finetune, predict, train, tune"
     )
     assert not any(tmp_path.iterdir())  # refused before any work
 
@@ -272,3 +272,57 @@ def test_perfect_detections_score_one():
         meter.process(_padded(truth), [found], {})
     scores = meter.evaluate("val")
     assert scores["val_map"] == pytest.approx(1.0) and scores["val_map50"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+@pytest.mark.parametrize(
+    "name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large", "yolo_n"]
+)
+def test_a_detector_of_other_classes_lends_all_but_its_class_layers(name):
+    """A detector trained on 7 classes fills one for 3: every weight but the class-count
+    dependent ones (the registry's heads) comes over; those are the fresh ones built for 3."""
+    from raycv.finetune.sources import transplant
+    from raycv.models import MODELS
+
+    torch.manual_seed(0)
+    source = create_model(name, 7, image_size=64).state_dict()
+    model = create_model(name, 3, image_size=64)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    transplant(model, name, 3, source)
+    heads = tuple(f"{h}." for h in MODELS.get(name).heads)
+    own = model.state_dict()
+    body = [k for k in own if not k.startswith(heads)]
+    assert heads and body and all(torch.equal(own[k], source[k]) for k in body)
+    head_keys = [k for k in own if k.startswith(heads)]
+    assert head_keys and all(own[k].shape == fresh[k].shape for k in head_keys)
+    assert any(own[k].shape != source[k].shape for k in head_keys)  # the class count changed
+    with torch.no_grad():
+        found = model.eval()([torch.randn(3, 64, 64)])
+    assert (found[0]["labels"] < 3 + MODELS.get(name).background_class).all()
+
+
+def test_finetune_from_coco_weights_offline(tmp_path, monkeypatch):
+    """finetune.source=DEFAULT: torchvision's COCO weights for the detector, read from its
+    cache (a state dict written there); the box predictor is built fresh for the classes."""
+    import torchvision
+
+    from raycv.finetune.sources import apply_source
+    from raycv.loop import build_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    coco = create_model(name, 90, image_size=64).state_dict()  # 91 outputs with background
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(coco, tmp_path / "hub" / "checkpoints" / Path(weights.url).name)
+    raw = {"task": "detection", "model": {"name": name, "image_size": 64}}
+    cfg = apply_source(from_dict({**raw, "finetune": {"source": "DEFAULT"}}))
+    assert cfg.finetune.source == f"{type(weights).__name__}.COCO_V1"
+    assert cfg.augment.mean == from_dict(raw).augment.mean  # ImageNet's, as raycv's
+    model = build_model(cfg, 3)
+    own = model.state_dict()
+    assert torch.equal(own["backbone.body.0.0.weight"], coco["backbone.body.0.0.weight"])
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4  # 3 and background
+    assert own["roi_heads.box_predictor.bbox_pred.weight"].shape[0] == 16

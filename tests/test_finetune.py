@@ -143,8 +143,8 @@ def test_raycv_checkpoint_source_brings_its_model_and_preprocessing(tmp_path, sh
 # ------------------------------------------------------------------ head replacement
 
 
-# Detectors' heads (box predictors, whose widths follow the class count in several layers)
-# are not replaced yet: fine-tuning a detector is still to come (issue 17).
+# Detectors keep their heads as built for the class count (box predictors, whose widths
+# follow it in several layers): tests/test_detection.py checks them.
 TRANSPLANTABLE = [n for n in MODELS.names() if MODELS.get(n).task != "detection"]
 
 

@@ -245,3 +245,24 @@ def test_model_weights_give_the_backbone_torchvisions_imagenet_weights_offline(
         r"choose one of: IMAGENET1K_V1, DEFAULT",
     ):
         from_dict({"task": "detection", "model": {"name": "yolo_n", "weights": "COCO_V1"}})
+
+
+def test_a_raycv_classifier_of_its_encoder_fills_the_backbone():
+    """finetune --from a resnet18 classification run: its weights fill yolo's backbone,
+    the neck and head stay as built; a classifier of another architecture is refused."""
+    from raycv.config import ConfigError, from_dict
+    from raycv.finetune.sources import Source, transplant_backbone
+    from raycv.models import create_model
+
+    torch.manual_seed(0)
+    classifier = create_model("resnet18", 5).state_dict()
+    model = create_model("yolo_n", 3)
+    neck = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    cfg = from_dict({"task": "detection", "model": {"name": "yolo_n"}})
+    transplant_backbone(model, cfg, Source("run", classifier, "resnet18"))
+    own = model.state_dict()
+    assert torch.equal(own["backbone.layer3.0.conv1.weight"], classifier["layer3.0.conv1.weight"])
+    assert all(torch.equal(own[k], v) for k, v in neck.items())
+    other = create_model("resnet34", 5).state_dict()
+    with pytest.raises(ConfigError, match="yolo_n's backbone is resnet18"):
+        transplant_backbone(model, cfg, Source("run", other, "resnet34"))

@@ -127,18 +127,23 @@ def _torchvision(name: str, model_name: str) -> Source:
         )
     weights = enum[member]  # DEFAULT resolves to the recommended weights
     preset = weights.transforms()
+    # A detector's weights normalise inside the model (ImageNet's, as raycv's presets do)
+    # and take any size: nothing for the config to follow.
+    preprocessing = None
+    if hasattr(preset, "mean"):
+        preprocessing = Preprocessing(
+            tuple(preset.mean),
+            tuple(preset.std),
+            preset.crop_size[0] if hasattr(preset, "crop_size") else None,
+            preset.resize_size[0] if hasattr(preset, "crop_size") else None,
+        )
     return Source(
         ref=f"{enum.__name__}.{weights.name}",
         state_dict=_cached_download(weights.url),
         model_name=model_name,
         class_names=list(weights.meta.get("categories") or []) or None,
         # Segmentation presets resize only (to 520 px): the config's own size stays.
-        preprocessing=Preprocessing(
-            tuple(preset.mean),
-            tuple(preset.std),
-            preset.crop_size[0] if hasattr(preset, "crop_size") else None,
-            preset.resize_size[0] if hasattr(preset, "crop_size") else None,
-        ),
+        preprocessing=preprocessing,
     )
 
 
@@ -172,7 +177,12 @@ def transplant(model: nn.Module, model_name: str, num_classes: int, state_dict: 
     branches = tuple(f"{h.split('.')[0]}." for h in spec.heads if "." in h)
     source = {k: v for k, v in state_dict.items() if k in own or not k.startswith(branches)}
     body = {k: v for k, v in source.items() if not k.startswith(heads)}
-    missing = [k for k in own if k not in source and not k.startswith(heads)]
+    # BatchNorm's step counter is absent from FrozenBatchNorm weights (torchvision's detectors)
+    # and matters only without a momentum: not a layer the source lacks.
+    counters = "num_batches_tracked"
+    missing = [
+        k for k in own if k not in source and not k.startswith(heads) and not k.endswith(counters)
+    ]
     unexpected = [k for k in body if k not in own]
     larger = [k for k in body if k in own and _grows(body[k].shape, own[k].shape)]
     for names, problem in (
@@ -186,7 +196,10 @@ def transplant(model: nn.Module, model_name: str, num_classes: int, state_dict: 
                 f"{problem.format(model=model_name)}: {_listed(names)}; was it trained as "
                 "another model? set model.name to that model"
             )
-    fit_to_state_dict(model, source)  # pruned widths, and the source's own head shapes
+    if spec.built_heads:  # the heads stay as built for num_classes: fresh, and shaped right
+        fit_to_state_dict(model, {**own, **body})
+        return
+    fit_to_state_dict(model, {**own, **source})  # pruned widths, the source's head shapes
     replace_heads(model, spec, num_classes, fresh=True)
 
 

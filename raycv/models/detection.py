@@ -40,22 +40,27 @@ def _fixed_size(weights: str | None, image_size: int | None) -> dict[str, Any]:
     return dict(UNNORMALISED)
 
 
-# name, background class 0, smallest input, options. The smallest inputs keep the coarsest
-# feature map at least one cell (stride 32 or 64 with an extra FPN level).
-for _name, _background, _min_size, _options in (
-    ("fasterrcnn_mobilenet_v3_large_320_fpn", True, 64, _resized_at),
-    ("fasterrcnn_mobilenet_v3_large_fpn", True, 64, _resized_at),
-    ("fasterrcnn_resnet50_fpn_v2", True, 64, _resized_at),
-    ("retinanet_resnet50_fpn_v2", False, 128, _resized_at),
-    ("fcos_resnet50_fpn", False, 128, _resized_at),
-    ("ssd300_vgg16", True, 32, _fixed_size),
-    ("ssdlite320_mobilenet_v3_large", True, 32, _fixed_size),
+# The layers that depend on the class count: what fine-tuning from COCO weights leaves fresh.
+_BOX_PREDICTOR = ("roi_heads.box_predictor",)  # Faster R-CNN: class scores, per-class boxes
+_CLASS_LOGITS = ("head.classification_head.cls_logits",)  # RetinaNet, FCOS
+_SSD_CLASSES = ("head.classification_head",)  # SSD: one conv per feature map
+# name, background class 0, smallest input, options, heads. The smallest inputs keep the
+# coarsest feature map at least one cell (stride 32 or 64 with an extra FPN level).
+for _name, _background, _min_size, _options, _heads in (
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", True, 64, _resized_at, _BOX_PREDICTOR),
+    ("fasterrcnn_mobilenet_v3_large_fpn", True, 64, _resized_at, _BOX_PREDICTOR),
+    ("fasterrcnn_resnet50_fpn_v2", True, 64, _resized_at, _BOX_PREDICTOR),
+    ("retinanet_resnet50_fpn_v2", False, 128, _resized_at, _CLASS_LOGITS),
+    ("fcos_resnet50_fpn", False, 128, _resized_at, _CLASS_LOGITS),
+    ("ssd300_vgg16", True, 32, _fixed_size, _SSD_CLASSES),
+    ("ssdlite320_mobilenet_v3_large", True, 32, _fixed_size, _SSD_CLASSES),
 ):
     MODELS.add(
         _name,
         ModelSpec(
             builder=_name,
-            heads=(),
+            heads=_heads,
+            built_heads=True,
             task="detection",
             min_size=_min_size,
             options=_options,

@@ -49,6 +49,9 @@ class ModelSpec:
     build: Callable[..., nn.Module] | None = None  # default: torchvision.models.get_model
     backbone: Backbone | None = None  # segmenters: what a classification run fills
     background_class: bool = False  # a detector whose class 0 is background (Faster R-CNN, SSD)
+    # Its heads come built for the class count (a detector's box coder, anchors per cell):
+    # transfer learning keeps them as built instead of swapping each class-mapping layer.
+    built_heads: bool = False
 
     @property
     def torchvision(self) -> bool:

@@ -41,7 +41,7 @@ class Detection:
     default_model: ClassVar[str] = "fasterrcnn_mobilenet_v3_large_320_fpn"
     # Fine-tuning, compression, export, prediction, eval and previews are still to come.
     commands: ClassVar[frozenset[str] | None] = frozenset(
-        {"train", "tune", "doctor", "data preview", "eval", "predict"}
+        {"train", "tune", "finetune", "doctor", "data preview", "eval", "predict"}
     )
 
     def __init__(self, class_names: list[str], cfg) -> None:
