@@ -115,6 +115,8 @@ def test_forward_backward_gives_every_parameter_a_gradient(name):
     not_finite = [n for n, p in params if not torch.isfinite(p.grad).all()]
     assert not not_finite, f"non-finite gradient for {not_finite[:5]}"
     assert sum(p.grad.abs().sum().item() for _, p in params) > 0
+    if MODELS.get(name).built_heads:
+        return  # a detector's class layers come built for the class count, in several shapes
     for path in MODELS.get(name).heads:
         try:
             layer = model.get_submodule(path)
