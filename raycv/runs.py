@@ -267,8 +267,11 @@ class MetricsRecorder:
         history += new
         atomic.write_text(self.run.metrics, "".join(json.dumps(m) + "\n" for m in history))
         tracking.record(self.trackers, self.run, new, last=metrics["epoch"] >= self.epochs)
-        if saved and self.best(history) is metrics:
+        top = self.best(history)
+        if saved and top is metrics:
             self._keep_best(saved)
+        elif top is not None and top.get("recovered") and top in new:
+            self._keep_best(self._saved_at(top["epoch"]))  # best was the unrecorded epoch
         if self.prune:
             for path in list(checkpoint_epochs(self.run.checkpoints).values())[: -self.keep]:
                 shutil.rmtree(path, ignore_errors=True)
@@ -295,12 +298,18 @@ class MetricsRecorder:
             try:
                 if self.run.uri is not None:  # a run on object storage: fetch that one folder
                     folder = Path(tmp)
-                    remote.download(remote.join(self.run.uri, "checkpoints", name), folder)
+                    remote.download(self._saved_at(epoch), folder)
                 saved = load_checkpoint(folder)
             except (FileNotFoundError, CorruptCheckpointError):  # gone, or never whole
                 return None
         log.warning("epoch %d was saved but not recorded: its row comes from its checkpoint", epoch)
         return {**_row([saved["metrics"]]), "recovered": True}
+
+    def _saved_at(self, epoch: int) -> str:
+        """Where epoch ``epoch``'s checkpoint folder is: a path, or one in the store."""
+        if self.run.uri is None:
+            return str(self.run.checkpoints / epoch_dir_name(epoch))
+        return remote.join(self.run.uri, "checkpoints", epoch_dir_name(epoch))
 
     def _keep_best(self, saved: str) -> None:
         """Copy the checkpoint folder ``saved`` (a path in the store for a URI run) to best/."""

@@ -113,3 +113,24 @@ def test_an_epoch_saved_but_never_recorded_gets_its_row_from_its_checkpoint(tmp_
     # A gap whose checkpoint is gone (checkpoint.keep) stays a gap: nothing is invented.
     recorder.record([{"epoch": 6, "val_acc": 0.6, "node": "n1"}], None)
     assert [r["epoch"] for r in read_metrics(run.metrics)] == [1, 2, 3, 4, 6]
+
+
+def test_an_unrecorded_epoch_that_was_the_best_is_kept_in_best(tmp_path):
+    """The killed driver never copied epoch 3 to best/; when its recovered row is the best,
+    the resumed run copies its checkpoint there."""
+    run = RunFolder(tmp_path / "run")
+    recorder = MetricsRecorder(run, epochs=4, keep=4, metric="val_acc", mode="max")
+    scores = {1: 0.1, 2: 0.2, 3: 0.5, 4: 0.3}
+
+    def saved(epoch: int) -> str:
+        folder = run.checkpoints / checkpoint.epoch_dir_name(epoch)
+        folder.mkdir(parents=True)
+        metrics = {"epoch": epoch, "val_acc": scores[epoch], "node": "n0"}
+        checkpoint.save(folder, {"epoch": epoch, "metrics": metrics})
+        return str(folder)
+
+    for epoch in (1, 2):
+        recorder.record([{"epoch": epoch, "val_acc": scores[epoch], "node": "n0"}], saved(epoch))
+    saved(3)
+    recorder.record([{"epoch": 4, "val_acc": scores[4], "node": "n0"}], saved(4))
+    assert checkpoint.load(run.best)["epoch"] == 3
