@@ -346,15 +346,8 @@ def _add_doctor(sub) -> None:
 # config then fails in about the time torch takes to import, not Ray as well.
 
 
-def check_command(cfg, command: str) -> None:
-    from raycv.tasks.base import check_command as check  # imports torch: after validation
-
-    check(cfg, command)
-
-
 def _train(args):
     cfg = load_config(args.config, args.overrides)
-    check_command(cfg, "train")
     from raycv.train import run_train
 
     return run_train(cfg, local=args.local, resume=args.resume, keys=given_keys(args.overrides))
@@ -362,7 +355,6 @@ def _train(args):
 
 def _tune(args):
     cfg = load_config(args.config, args.overrides)
-    check_command(cfg, "tune")
     from raycv.sweep.run import run_tune
 
     return run_tune(cfg, resume=args.resume, keys=given_keys(args.overrides))
@@ -373,7 +365,6 @@ def _finetune(args):
     if args.source:  # set as given: a path must not be parsed as YAML
         given.setdefault("finetune", {})["source"] = args.source
     cfg = validate(given)
-    check_command(cfg, "finetune")
     from raycv.train import run_train
 
     keys = [*given_keys(args.overrides), *(["finetune.source"] if args.source else [])]
@@ -398,7 +389,6 @@ def _compress(args):
             ) from None
     given = {k: v for k, v in settings.items() if v is not None}
     cfg = compress_config(args.artifact, args.overrides, given)
-    check_command(cfg, "compress")
     at = resume_folder(cfg, args.resume) if args.resume else None
     return run_compress(args.artifact, cfg, local=args.local, at=at)
 
@@ -406,7 +396,6 @@ def _compress(args):
 def _pipeline(args):
     given = load_given(args.config, args.overrides)
     cfg = validate(given)
-    check_command(cfg, "pipeline")
     from raycv.pipeline import run_pipeline
 
     keys = given_keys(args.overrides)
@@ -439,7 +428,6 @@ def _preview(args):
     if args.count < 1:
         raise ConfigError(f"--count must be at least 1 (got {args.count})")
     cfg = load_config(args.config, args.overrides)
-    check_command(cfg, "data preview")
     return run_preview(cfg, args.count)
 
 
@@ -447,7 +435,6 @@ def _doctor(args) -> None:
     from raycv.doctor import format_report, run_doctor
 
     cfg = load_config(args.config, args.overrides)
-    check_command(cfg, "doctor")
     report = run_doctor(cfg, address=args.address)
     print(format_report(report))
     if not report.ok:

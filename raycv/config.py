@@ -366,7 +366,8 @@ class PipelineConfig(Section):
     distill: bool = Field(
         True,
         description="compress: fine-tune each pruned model distilled from the fine-tuned one "
-        "(distill.teacher, when set, is used instead)",
+        "(distill.teacher, when set, is used instead), for tasks with a distillation loss "
+        "(classification, segmentation)",
     )
 
 
@@ -726,13 +727,38 @@ def _check_pruning(cfg: Config) -> None:
     c = cfg.compress
     if c.prune.ratio > 0:
         check_prunable(c.student or cfg.model.name, c.prune.method)
+    _check_distillation(cfg)
     if c.quantize is not None:
+        from raycv.models import MODELS
         from raycv.quantization import QUANTIZERS  # torchao: imported only when asked for
+
+        name = c.student or cfg.model.name
+        if name in MODELS and not MODELS.get(name).quantizable:
+            raise ValueError(
+                f"compress.quantize: {name} does not quantize to int8 yet (its evaluation "
+                "ends in NMS, which int8 graphs cannot hold); leave compress.quantize unset"
+            )
 
         if c.quantize not in QUANTIZERS:
             raise ValueError(
                 f"compress.quantize={c.quantize!r} is unknown; choose one of: "
                 f"{', '.join(QUANTIZERS)}"
+            )
+
+
+def _check_distillation(cfg: Config) -> None:
+    from raycv.tasks import TASKS
+
+    if cfg.task not in TASKS or TASKS.get(cfg.task).distills:
+        return
+    for key, value in (
+        ("distill.teacher", cfg.distill.teacher),
+        ("compress.student", cfg.compress.student),
+    ):
+        if value:
+            raise ValueError(
+                f"{key}: task={cfg.task} has no distillation loss yet; leave {key} unset "
+                "(compress prunes and fine-tunes on the labels)"
             )
 
 

@@ -7,9 +7,10 @@ The export run folder holds:
   ``torch.load(..., weights_only=True)`` and by ``raycv.artifacts.load_trained(folder)``
   (which restores a pruned model's narrower layers).
 * ``model.torchscript.pt``: the model traced on one (1, 3, S, S) image.
-* ``model.onnx``: input ``image`` float32, output ``logits``, shaped as the task says
-  (``Task.export_spec``): a classifier's (batch, 3, S, S) -> (batch, C), a segmenter's
-  (batch, 3, height, width) -> (batch, C, height, width). The batch dimension is dynamic,
+* ``model.onnx``: input ``image`` float32, one output shaped as the task says
+  (``Task.export_spec``): a classifier's ``logits`` (batch, 3, S, S) -> (batch, C), a
+  segmenter's (batch, 3, height, width) -> (batch, C, height, width), a detector's
+  ``detections`` (batch, anchors, 4 + C) before NMS. The batch dimension is dynamic,
   and a segmenter's height and width too.
 * ``model_card.json`` / ``model_card.md``: classes, the exact preprocessing, metrics,
   lineage, file sizes, the export checks and how to load each file.
@@ -17,8 +18,9 @@ The export run folder holds:
   exports match PyTorch within ``ATOL`` + ``RTOL`` x |logit| at every size the task checks
   (two for dynamic sides).
 
-Both files hold the model behind ``Logits``: they return the task's main output as one
-tensor (a torchvision segmenter's ``out`` map, not its ``{"out", "aux"}`` dict).
+Both files hold the model as ``Task.exportable`` wraps it: one tensor out (a torchvision
+segmenter's ``out`` map, not its ``{"out", "aux"}`` dict; a detector's boxes and scores
+before NMS, whose settings the card gives).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from raycv.config import Config, dump_config
 from raycv.data.augment import EvalPreset, build_preset
 from raycv.models import MODELS
 from raycv.runs import RunFolder, code_version, write_json, write_manifest
-from raycv.tasks import TASKS, Task, build_task
+from raycv.tasks import TASKS, build_task
 from raycv.tasks.base import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+INPUT_NAME = "image"
 
 # An export ships only if every logit satisfies |export - pytorch| <= ATOL + RTOL * |pytorch|.
 ATOL, RTOL = 1e-4, 1e-3
@@ -70,6 +72,8 @@ CARD_METRICS = (
     "val_acc5",
     "val_miou",
     "val_pixel_acc",
+    "val_map",
+    "val_map50",
     "val_loss",
     "params",
     "nonzero_params",
@@ -84,6 +88,8 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
     as a state dict, TorchScript and ONNX, verified against PyTorch; returns the run folder."""
     trained = load_trained(artifact)
     cfg, model = trained.config, trained.model
+    task = build_task(cfg, trained.class_names)
+    exported = task.exportable(model).eval()  # refuses a model it cannot export, first
     if run is None:
         run = RunFolder.create(cfg.run.storage, cfg.experiment, "export")
     if not run.config.is_file():
@@ -103,10 +109,8 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
         "metrics": trained.metrics,
     }
     checkpoint.save(run.path, state, STATE_DICT_FILE)
-    task = build_task(cfg, trained.class_names)
     model_spec = MODELS.get(cfg.model.name)
     spec = task.export_spec(cfg.model.image_size, model_spec.patch, model_spec.dynamic_sides)
-    exported = Logits(model, task).eval()
     started = time.perf_counter()
     try:
         export_torchscript(exported, spec, run.path / TORCHSCRIPT_FILE)
@@ -118,6 +122,7 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
             run.path / TORCHSCRIPT_FILE,
             run.path / ONNX_FILE,
             spec.check_sides,
+            spec.output_name,
         )
     except Exception as e:  # the folder says it failed; a mismatching file never looks shipped
         error = {"error": f"{type(e).__name__}: {e}"}
@@ -131,6 +136,8 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
     card = model_card(
         cfg, trained.class_names, trained.metrics, trained.checkpoint, source_run, spec
     )
+    if hasattr(exported, "postprocess"):  # a detector's NMS, outside the files
+        card["postprocess"] = exported.postprocess
     card["files"] = {key: {"path": paths[key], "size_mb": sizes[key]} for key in paths}
     shapes = ", ".join(str(tuple(shape)) for shape in check_shapes(spec.check_sides))
     card["checks"] = {
@@ -155,13 +162,14 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
         parent=parent,
     )
     log.info(
-        "exported %s (%d classes) in %.1f s to %s\n  %s\n  max |logit diff| vs PyTorch: "
+        "exported %s (%d classes) in %.1f s to %s\n  %s\n  max |%s diff| vs PyTorch: "
         "TorchScript %.2g, ONNX %.2g",
         cfg.model.name,
         len(trained.class_names),
         export_s,
         run.path,
         ", ".join(f"{paths[k]} {mb:.1f} MB" for k, mb in sizes.items()),
+        spec.output_name,
         diffs["torchscript_max_abs_diff"],
         diffs["onnx_max_abs_diff"],
     )
@@ -169,18 +177,6 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
 
 
 # ---------------------------------------------------------------- writing the files
-
-
-class Logits(nn.Module):
-    """The model as exported: its task's main output as one tensor (``Task.logits``)."""
-
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task  # a plain object: it adds nothing to the state dict
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.task.logits(self.task.forward(self.model, {"image": image}))
 
 
 def _example(shape: tuple[int, ...]) -> torch.Tensor:
@@ -194,6 +190,11 @@ def _quiet_torchscript() -> Iterator[None]:
     export it anyway and keep that warning out of the user's log; other warnings pass."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        # A trace records the input's sizes as constants, and says so wherever code reads
+        # them (a detector's grid, torchvision's box clipping): the check at those sizes
+        # is what vouches for the file.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         yield
 
 
@@ -225,7 +226,7 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path) -> None:
             dynamo=True,
             verbose=False,  # no per-phase progress lines
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=[spec.output_name],
             dynamic_shapes=({i: torch.export.Dim(name) for i, name in spec.dynamic.items()},),
             external_data=weight_bytes > ONNX_SINGLE_FILE_BYTES,
         )
@@ -251,6 +252,7 @@ def verify(
     torchscript: Path,
     onnx: Path,
     sides: Sequence[tuple[int, int]] | None = None,
+    output: str = "logits",
 ) -> dict[str, float]:
     """Max absolute logit difference of each saved file against ``model`` on seeded random
     inputs at each (height, width) of ``sides`` (default: ``image_size`` square); raises
@@ -267,7 +269,7 @@ def verify(
             expected = model(batch).numpy()
             with _quiet_torchscript():
                 from_script = scripted(batch).numpy()
-        from_onnx = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+        from_onnx = session.run([output], {INPUT_NAME: batch.numpy()})[0]
         for key, what, actual in (
             ("torchscript_max_abs_diff", "TorchScript", from_script),
             ("onnx_max_abs_diff", "ONNX", from_onnx),
@@ -366,20 +368,23 @@ _FIT = {
 }
 
 
-def preprocessing(cfg: Config) -> dict[str, Any]:
+def preprocessing(cfg: Config, fit: str | None = None) -> dict[str, Any]:
     """The evaluation path (``raycv.data.images.decode``, or ``decode_whole`` where the task
     scores whole frames, then the eval preset), in words and numbers, so another runtime
-    can feed the model the same pixels."""
+    can feed the model the same pixels; ``fit``: the task's words for how the file becomes
+    the input square (``ExportSpec.fit``), instead of the preset's resize and crop."""
     working, size = cfg.working_size, cfg.model.image_size
     whole = TASKS.get(cfg.task).whole_frame
-    decode, fit, resize = _FIT[whole]
+    decode, squeeze, resize = _FIT[whole]
     preset = build_preset(cfg.augment.eval_preset, cfg.augment, size, whole_frame=whole)
     steps = [
         "decode the file with PIL, apply its EXIF orientation, convert to RGB "
         "(palette, greyscale and CMYK converted; transparency composited on white)",
-        fit.format(w=working),
+        squeeze.format(w=working),
     ]
-    if isinstance(preset, EvalPreset):
+    if fit is not None:
+        steps[-1:] = [fit, *_scaling_steps(cfg.augment)]
+    elif isinstance(preset, EvalPreset):
         steps += _eval_preset_steps(preset, working)
     else:
         steps.append(f"apply the {cfg.augment.eval_preset!r} preset of raycv.data.augment")
@@ -414,8 +419,11 @@ def _eval_preset_steps(preset: EvalPreset, working: int) -> list[str]:
         )
     if not preset.whole_frame:
         steps.append(f"centre-crop to {size}x{size}")
+    return [*steps, *_scaling_steps(cfg)]
+
+
+def _scaling_steps(cfg) -> list[str]:
     return [
-        *steps,
         "scale to float32 in [0, 1]",
         f"normalise per channel: (x - mean) / std with mean {list(cfg.mean)} "
         f"and std {list(cfg.std)}",
@@ -438,11 +446,11 @@ def model_card(
         "classes": list(class_names),
         "input": {"name": INPUT_NAME, "shape": list(spec.input_shape), "dtype": "float32"},
         "output": {
-            "name": OUTPUT_NAME,
+            "name": spec.output_name,
             "shape": list(spec.output_shape),
             "meaning": spec.output_meaning,
         },
-        "preprocessing": preprocessing(cfg),
+        "preprocessing": preprocessing(cfg, spec.fit),
         "metrics": {k: metrics[k] for k in CARD_METRICS if metrics.get(k) is not None},
         "trained_on": {"source": cfg.data.source},
         "source_checkpoint": str(checkpoint.resolve()),
@@ -455,6 +463,7 @@ def model_card(
 def card_markdown(card: dict[str, Any]) -> str:
     pre, files, checks = card["preprocessing"], card["files"], card["checks"]
     shape_in, shape_out = _shape(card["input"]["shape"]), _shape(card["output"]["shape"])
+    out = card["output"]["name"]
     lines = [
         f"# {card['model']}: {card['experiment']}",
         "",
@@ -469,13 +478,14 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Preprocessing",
         "",
-        f"Input `{INPUT_NAME}`: float32 {shape_in}; output `{OUTPUT_NAME}`: {shape_out}, "
+        f"Input `{INPUT_NAME}`: float32 {shape_in}; output `{out}`: {shape_out}, "
         f"{card['output']['meaning']}.",
         "",
         *[f"{i}. {step}" for i, step in enumerate(pre["steps"], 1)],
         "",
         f"In raycv: `{pre['code']}`.",
         "",
+        *_postprocess_lines(card.get("postprocess")),
         "## Metrics (source checkpoint)",
         "",
         "| metric | value |",
@@ -484,7 +494,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "## Files",
         "",
-        "| file | size (MB) | max abs logit diff vs PyTorch |",
+        f"| file | size (MB) | max abs diff of `{out}` vs PyTorch |",
         "| --- | --- | --- |",
     ]
     diff_of = {
@@ -496,8 +506,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines.append(f"| `{entry['path']}` | {entry['size_mb']:.2f} | {diff} |")
     lines += [
         "",
-        f"Checked on {checks['inputs']}: every logit within {checks['atol']:g} + "
-        f"{checks['rtol']:g} x |logit| of PyTorch.",
+        f"Checked on {checks['inputs']}: every value of `{out}` within {checks['atol']:g} "
+        f"+ {checks['rtol']:g} x |value| of PyTorch.",
         "",
         "## Lineage",
         "",
@@ -526,7 +536,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "import torch",
         "",
         f"model = torch.jit.load('{files['torchscript']['path']}').eval()",
-        f"logits = model(images)  # float32 {shape_in}, preprocessed as above",
+        f"{out} = model(images)  # float32 {shape_in}, preprocessed as above",
         "```",
         "",
         "ONNX (onnxruntime):",
@@ -536,12 +546,40 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         f"session = ort.InferenceSession('{files['onnx']['path']}', "
         "providers=['CPUExecutionProvider'])",
-        f"logits = session.run(['{OUTPUT_NAME}'], {{'{INPUT_NAME}': images}})[0]  "
+        f"{out} = session.run(['{out}'], {{'{INPUT_NAME}': images}})[0]  "
         f"# numpy float32 {shape_in}",
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _postprocess_lines(settings: dict[str, Any] | None) -> list[str]:
+    """A detector's steps after the exported output, as raycv takes them."""
+    if not settings:
+        return []
+    return [
+        "## Postprocess (not in the files)",
+        "",
+        "From each image's rows to its detections, as raycv evaluates the model:",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        *[f"| {k} | {_fmt(v)} |" for k, v in settings.items()],
+        "",
+        "```python",
+        "import torch, torchvision",
+        "",
+        "boxes, scores = detections[i, :, :4], detections[i, :, 4:]  # one image",
+        "anchor, label = (scores > score_threshold).nonzero().unbind(1)",
+        "score = scores[anchor, label]",
+        "top = score.topk(min(pre_nms_top_k, len(score))).indices",
+        "anchor, label, score = anchor[top], label[top], score[top]",
+        "kept = torchvision.ops.batched_nms(boxes[anchor], score, label, nms_iou)",
+        "kept = kept[:max_detections]  # boxes[anchor[kept]], score[kept], label[kept]",
+        "```",
+        "",
+    ]
 
 
 def _shape(dims: list[int | str]) -> str:

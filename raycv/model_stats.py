@@ -8,6 +8,7 @@ import copy
 import logging
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -82,7 +83,10 @@ def _inductor(model: nn.Module) -> Iterator[Callable]:
     # Inductor logs that a CPU-only machine has no CUDA runtime at every first compile.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+            # torchvision's NMS meta kernel (a detector's last step) calls a torch API that
+            # is deprecated in 2.14, and warns at every trace: torchvision's to fix, not ours.
+            warnings.filterwarnings("ignore", "`create_unbacked_symint` is deprecated")
             yield torch.compile(model)
     finally:
         torch._dynamo.reset()

@@ -35,6 +35,7 @@ from raycv.resume import LOCATORS, resumed_config
 from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.session import ensure_ray, local_cpus
 from raycv.sweep.space import apply_sample
+from raycv.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _compress(p: Pipeline) -> Path:
     raw = _finetune_config(p).model_dump(mode="json")
     raw["compress"] = p.cfg.compress.model_dump(mode="json")
     raw["distill"] = p.cfg.distill.model_dump(mode="json")
-    if p.cfg.pipeline.distill and not p.cfg.distill.teacher:
+    if p.cfg.pipeline.distill and TASKS.get(p.cfg.task).distills and not p.cfg.distill.teacher:
         # On scarce data the fine-tuned model's soft targets keep more of its accuracy
         # through pruning than the labels alone (docs/benchmarks.md: 36.7 % against 30.0 %).
         raw["distill"]["teacher"] = str(p.folder("finetune"))

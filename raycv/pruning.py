@@ -37,9 +37,11 @@ class Pruner(Protocol):
         example_inputs: torch.Tensor,
         protected: list[nn.Module],
         batches: Batches = (),
+        trace: Trace | None = None,
     ) -> nn.Module:
         """Prune ``model`` (in place) at ``cfg.ratio``, leaving ``protected`` layers alone;
-        ``batches`` feed importances that need gradients."""
+        ``batches`` feed importances that need gradients; ``trace`` runs the model on the
+        example for pruners that follow its graph."""
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Keep the pruning valid while ``optimizer`` trains ``model``."""
@@ -65,6 +67,7 @@ IMPORTANCES.add("taylor", Importance(tp.importance.TaylorImportance, needs_gradi
 # One function per training batch: given the model, that batch's loss summed over its
 # images (the task's loss, so classifiers and segmenters rank channels alike).
 Batches = Iterable[Callable[[nn.Module], torch.Tensor]]
+Trace = Callable[[nn.Module, torch.Tensor], Any]  # the forward pass a pruner follows
 
 
 class _RoundedPruner(tp.pruner.BasePruner):
@@ -107,6 +110,7 @@ class ChannelPruner:
         example_inputs: torch.Tensor,
         protected: list[nn.Module],
         batches: Batches = (),
+        trace: Trace | None = None,
     ) -> nn.Module:
         was_training = model.training
         importance = IMPORTANCES.get(cfg.importance)
@@ -122,7 +126,7 @@ class ChannelPruner:
                 global_pruning=bool(cfg.global_pruning),  # default: per layer
                 ignored_layers=protected,
                 round_to=cfg.round_to,
-                forward_fn=_forward_with_aux_heads,
+                forward_fn=trace or _forward_with_aux_heads,
                 # Fresh dicts: torch-pruning's defaults are shared mutable ones that it fills
                 # with this model's grouped layers, which would leak into the next pruner.
                 in_channel_groups={},
@@ -168,6 +172,7 @@ class L1UnstructuredPruner:
         example_inputs: torch.Tensor,
         protected: list[nn.Module],
         batches: Batches = (),
+        trace: Trace | None = None,
     ) -> nn.Module:
         targets = [(layer, "weight") for layer in _weighted_layers(model, protected)]
         if cfg.global_pruning is False:  # each layer loses the same share
@@ -223,9 +228,11 @@ def check_prunable(model_name: str, method: str) -> None:
 
 
 def protected_layers(model: nn.Module, model_name: str) -> list[nn.Module]:
-    """The class-mapping heads of ``model`` that exist (Inception's auxiliary one may not)."""
+    """The class-mapping heads of ``model`` that exist (Inception's auxiliary one may not),
+    and the other layers whose outputs must keep their size (a detector's box outputs)."""
+    spec = MODELS.get(model_name)
     found = []
-    for path in MODELS.get(model_name).heads:
+    for path in (*spec.heads, *spec.prune_keep):
         try:
             found.append(model.get_submodule(path))
         except AttributeError:
@@ -247,7 +254,11 @@ def prune_model(
     example = torch.zeros(1, 3, image_size, image_size, device=device)
     before = _count(model.parameters())
     protected = protected_layers(model, model_name)
-    model = PRUNERS.get(cfg.method).apply(model, cfg, example, protected, batches)
+    dense = MODELS.get(model_name).dense
+    # A detector's eval forward ends in NMS, whose kept boxes depend on the scores: the graph
+    # to follow is the dense output before it.
+    trace = (lambda m, x: getattr(m, dense)(x)) if dense else None
+    model = PRUNERS.get(cfg.method).apply(model, cfg, example, protected, batches, trace)
     log.info(
         "pruned %s (%s, ratio %.2f): %d -> %d parameters, %d nonzero",
         model_name,

@@ -316,6 +316,8 @@ def test_shipped_configs_exist():
         "seg_quickstart.yaml",
         "det_smoke.yaml",
         "det_folder.yaml",
+        "det_quickstart.yaml",
+        "det_pipeline_smoke.yaml",
     }
 
 

@@ -86,8 +86,15 @@ class Compression:
     quantized: Path | None = None
 
     def task_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The task's training loss of ``model`` on ``batch`` (Taylor importance, QAT)."""
-        return total(self.task.loss(self.task.forward(model, batch), batch))
+        """The task's training loss of ``model`` on ``batch`` (Taylor importance, QAT). A
+        detector computes its loss only in training mode: the top module alone is flagged
+        so, and BatchNorm below keeps the statistics it was trained with."""
+        was_training = model.training
+        model.training = True
+        try:
+            return total(self.task.loss(self.task.forward(model, batch), batch))
+        finally:
+            model.training = was_training
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from raycv.checkpoint import CHECKPOINT_FILE
 from raycv.report import markdown_text as md
 from raycv.report.format import DASH, fmt_count, fmt_pct, fmt_ratio, fmt_size, missing
 from raycv.runs import read_metrics, write_json, write_manifest
+from raycv.tasks.base import metric_words
 
 if TYPE_CHECKING:
     from raycv.compress.run import Compression
@@ -82,7 +83,7 @@ def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     batches = list(base["latency_ms"])
     header = ["variant", "params", "MACs", "file"]
     header += [f"latency b{b}" for b in batches] + [f"speed-up b{b}" for b in batches]
-    header += [base["metric"].replace("_", " "), "vs original"]
+    header += [metric_words(base["metric"]), "vs original"]
     body = []
     for r in rows:
         lat = [r["latency_ms"].get(b) for b in batches]

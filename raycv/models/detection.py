@@ -68,5 +68,6 @@ for _name, _background, _min_size, _options, _heads in (
             background_class=_background,
             channel_prunable=False,
             dynamic_sides=False,
+            quantizable=False,
         ),
     )

@@ -52,6 +52,11 @@ class ModelSpec:
     # Its heads come built for the class count (a detector's box coder, anchors per cell):
     # transfer learning keeps them as built instead of swapping each class-mapping layer.
     built_heads: bool = False
+    # A detector's method giving one tensor for a batch, before the score threshold and NMS:
+    # what ``raycv export`` ships and what torch-pruning traces. None: not exportable there.
+    dense: str | None = None
+    prune_keep: tuple[str, ...] = ()  # layers besides ``heads`` whose outputs pruning keeps
+    quantizable: bool = True  # int8 through torch.export of its evaluation forward
 
     @property
     def torchvision(self) -> bool:

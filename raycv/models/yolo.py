@@ -197,18 +197,34 @@ class YOLO(nn.Module):
         self, images: list[Tensor] | Tensor, targets: list[dict[str, Tensor]] | None = None
     ):
         x = torch.stack(list(images)) if not isinstance(images, Tensor) else images
+        logits, boxes, points = self._predict(x)
+        if self.training:
+            if targets is None:
+                raise ValueError("yolo in training mode needs targets: model(images, targets)")
+            return detection_losses(logits, boxes, points, targets, **self.assign)
+        dense = self._dense(logits, boxes, x.shape[-2:])
+        return self.detections(dense[..., 4:], dense[..., :4])
+
+    def dense(self, x: Tensor) -> Tensor:
+        """Every anchor point's prediction before the score threshold and NMS, (B, A, 4 + C):
+        its box (x1, y1, x2, y2 in input pixels, clipped) and its class probabilities. One
+        tensor that exports to ONNX and that torch-pruning traces (the registry's ``dense``)."""
+        logits, boxes, _ = self._predict(x)
+        return self._dense(logits, boxes, x.shape[-2:])
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Class logits (B, A, C), decoded boxes (B, A, 4) and the anchor points (A, 2)."""
         height, width = x.shape[-2:]
         if height % STRIDES[-1] or width % STRIDES[-1]:  # else the levels' grids disagree
             raise ValueError(f"yolo needs image sides divisible by 32, got {height} x {width}")
         logits, raw = self.head(self.neck(list(self.backbone(x).values())))
         points, strides = anchor_points(height, width, x.device)
-        boxes = decode(raw, points, strides)
-        if self.training:
-            if targets is None:
-                raise ValueError("yolo in training mode needs targets: model(images, targets)")
-            return detection_losses(logits, boxes, points, targets, **self.assign)
-        boxes = clip_boxes_to_image(boxes.float(), (height, width))  # float: NMS under autocast
-        return self.detections(logits.float().sigmoid(), boxes)
+        return logits, decode(raw, points, strides), points
+
+    @staticmethod
+    def _dense(logits: Tensor, boxes: Tensor, sides: tuple[int, int]) -> Tensor:
+        boxes = clip_boxes_to_image(boxes.float(), tuple(sides))  # float: NMS under autocast
+        return torch.cat([boxes, logits.float().sigmoid()], -1)
 
     @torch.no_grad()
     def detections(self, scores: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
@@ -270,8 +286,10 @@ for _name, _width in WIDTHS.items():
             min_size=32,  # the stride-32 map is then one cell
             patch=32,
             kwargs=_width,
-            channel_prunable=False,
+            dense="dense",
+            prune_keep=tuple(f"head.box_out.{i}" for i in range(len(STRIDES))),
             dynamic_sides=False,
+            quantizable=False,
             encoder="resnet18",
             encoders=lambda: list(RETURN_NODES),
             encoder_weights=True,

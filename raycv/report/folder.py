@@ -14,6 +14,7 @@ from raycv.report import markdown_text as md
 from raycv.report.evaluation import Evaluation
 from raycv.report.format import missing
 from raycv.runs import read_metrics
+from raycv.tasks.base import metric_words
 
 STAGES = ("pretrain", "tune", "finetune", "scratch", "compress", "export")
 IMAGES_DIR = "report"  # next to report.md, so the markdown stays readable when the folder moves
@@ -114,8 +115,8 @@ class PipelineFolder:
 
     @property
     def metric_name(self) -> str:
-        """``metric`` in words for headings: "val acc", "val miou"."""
-        return self.metric.replace("_", " ").replace("miou", "mIoU")
+        """``metric`` in words for headings: "val acc", "val mIoU", "val mAP"."""
+        return metric_words(self.metric)
 
     @property
     def images_dir(self) -> Path:

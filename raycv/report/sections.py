@@ -130,7 +130,7 @@ def export(pipeline: PipelineFolder) -> str:
                 check if missing(diff) else f"{diff:.2e}",
             ]
         )
-    parts = ["## Export", md.table(["File", "Size", "Max abs logit diff vs PyTorch"], rows, {1, 2})]
+    parts = ["## Export", md.table(["File", "Size", "Max abs diff vs PyTorch"], rows, {1, 2})]
     shown = {f"{k}_max_abs_diff" for k in kind_of.values()}
     other = {k: v for k, v in metrics.items() if "diff" in k and k not in shown}
     if other:

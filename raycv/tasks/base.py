@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raycv.config import ConfigError
 from raycv.registry import Registry
 
 if TYPE_CHECKING:
@@ -35,6 +34,11 @@ class Metric:
 
     name: str
     mode: str  # "max" or "min"
+
+
+def metric_words(name: str) -> str:
+    """A metric's name for headings: "val acc", "val mIoU", "val mAP50"."""
+    return name.replace("_", " ").replace("miou", "mIoU").replace("map", "mAP")
 
 
 class Evaluator(Protocol):
@@ -115,13 +119,17 @@ class PredictionWriter(Protocol):
 @dataclass(frozen=True)
 class ExportSpec:
     """A task's export signature (raycv/export.py): the shapes of the input ``image`` and
-    the output ``logits``, a name where a dimension is dynamic, and the (height, width) of
+    of the one output, a name where a dimension is dynamic, and the (height, width) of
     the batches that check the files against PyTorch (more than one: dynamic sides)."""
 
     input_shape: tuple[int | str, ...]
     output_shape: tuple[int | str, ...]
     output_meaning: str  # for the model card
     check_sides: tuple[tuple[int, int], ...]
+    output_name: str = "logits"
+    # How a decoded file becomes the input square, in words, where the eval preset's own
+    # steps do not say it (a detector's letterbox); None: the preset's steps.
+    fit: str | None = None
 
     @property
     def dynamic(self) -> dict[int, str]:
@@ -146,7 +154,7 @@ class Task(Protocol):
     primary: ClassVar[Metric]  # default of checkpoint.metric, tune.objective.metric, reports
     whole_frame: ClassVar[bool]  # evaluation sees the whole image, not a centre crop
     default_model: ClassVar[str]  # model.name when the config names none
-    commands: ClassVar[frozenset[str] | None]  # the raycv commands it supports; None: all
+    distills: ClassVar[bool]  # has a soft-target loss (``distill_loss``) for distillation
 
     def __init__(self, class_names: list[str], cfg) -> None: ...
 
@@ -179,8 +187,24 @@ class Task(Protocol):
         whose input sides must be multiples of ``side_multiple`` (None: any);
         ``dynamic_sides`` False: the model exports at its training size only."""
 
+    def exportable(self, model: nn.Module) -> nn.Module:
+        """``model`` as ``raycv export`` ships it: one tensor out (``export_spec``)."""
+
     def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
         """A prepared NumPy batch drawn for people, targets on the images."""
+
+
+class Logits(nn.Module):
+    """A classifier or segmenter as exported: its task's main output as one tensor
+    (``Task.logits``: a torchvision segmenter's ``out`` map, not its dict)."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task  # a plain object: it adds nothing to the state dict
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.task.logits(self.task.forward(self.model, {"image": image}))
 
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -189,16 +213,6 @@ TASKS: Registry[type[Task]] = Registry("task")
 def build_task(cfg, class_names: list[str]) -> Task:
     """The single way in: ``build_task(cfg, class_names)``."""
     return TASKS.get(cfg.task)(class_names, cfg)
-
-
-def check_command(cfg, command: str) -> None:
-    """A one-line ConfigError, before any work, when ``cfg.task`` cannot run ``command``."""
-    supported = TASKS.get(cfg.task).commands
-    if supported is not None and command not in supported:
-        raise ConfigError(
-            f"task={cfg.task} does not support raycv {command} yet; it supports raycv "
-            f"{', '.join(sorted(supported))}"
-        )
 
 
 def in_listing_order(rows: dict[str, Any], files: list[str]) -> list[Any]:

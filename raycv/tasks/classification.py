@@ -18,6 +18,7 @@ from raycv.tasks.base import (
     TASKS,
     EvalResult,
     ExportSpec,
+    Logits,
     Metric,
     Preview,
     SummedEvaluator,
@@ -152,7 +153,7 @@ class Classification:
     primary: ClassVar[Metric] = Metric("val_acc", "max")
     whole_frame: ClassVar[bool] = False
     default_model: ClassVar[str] = "resnet18"  # model.name when the config names none
-    commands: ClassVar[frozenset[str] | None] = None  # every command
+    distills: ClassVar[bool] = True
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)
@@ -202,6 +203,9 @@ class Classification:
             "probabilities",
             check_sides=((image_size, image_size),),
         )
+
+    def exportable(self, model: nn.Module) -> Logits:
+        return Logits(model, self)
 
     def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
         titles = [self.class_names[i] for i in batch["label"]]

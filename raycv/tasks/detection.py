@@ -26,7 +26,7 @@ from raycv.checkpoint import unwrap
 from raycv.config import AugmentConfig, ConfigError
 from raycv.data.augment import denormalize
 from raycv.models import MODELS
-from raycv.tasks.base import TASKS, Metric, Preview
+from raycv.tasks.base import TASKS, ExportSpec, Metric, Preview
 from raycv.tasks.detection_metrics import DetectionEvaluator
 from raycv.tasks.detection_outputs import BoxReport, BoxWriter
 
@@ -39,15 +39,13 @@ class Detection:
     primary: ClassVar[Metric] = Metric("val_map", "max")
     whole_frame: ClassVar[bool] = True  # a box anywhere in the frame counts
     default_model: ClassVar[str] = "fasterrcnn_mobilenet_v3_large_320_fpn"
-    # Fine-tuning, compression, export, prediction, eval and previews are still to come.
-    commands: ClassVar[frozenset[str] | None] = frozenset(
-        {"train", "tune", "finetune", "doctor", "data preview", "eval", "predict"}
-    )
+    distills: ClassVar[bool] = False
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)
         self.shift = int(MODELS.get(cfg.model.name).background_class)
         self.image_size = cfg.model.image_size
+        self.model_name = cfg.model.name
 
     def truth(self, batch: dict[str, torch.Tensor]) -> list[Target]:
         """Each image's own boxes, labels and crowd flags, padding left out."""
@@ -80,7 +78,7 @@ class Detection:
         return DetectionEvaluator(self)
 
     def logits(self, outputs: Any) -> NoReturn:
-        _not_yet("distillation, export and prediction")
+        _not_yet("single-tensor output (detections are per-image dicts)")
 
     def distill_loss(self, student, teacher, temperature: float) -> NoReturn:
         _not_yet("distillation")
@@ -91,8 +89,38 @@ class Detection:
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> BoxWriter:
         return BoxWriter(self, files, folder, self.image_size)
 
-    def export_spec(self, image_size: int, side_multiple, dynamic_sides: bool = True) -> NoReturn:
-        _not_yet("raycv export")
+    def export_spec(
+        self, image_size: int, side_multiple: int | None, dynamic_sides: bool = True
+    ) -> ExportSpec:
+        """Every anchor point's box and class probabilities at the training size, before
+        the score threshold and NMS. Those stay outside (the card's ``postprocess``): they
+        are a few lines in any runtime, and ONNX's NonMaxSuppression differs between them."""
+        count = len(self.class_names)
+        return ExportSpec(
+            input_shape=("batch", 3, image_size, image_size),
+            output_shape=("batch", "anchors", 4 + count),
+            output_meaning=(
+                "one row per anchor point (a fixed number at this input size): x1, y1, x2, "
+                f"y2 in pixels of the input, then {count} class probabilities in the order "
+                "of classes; detections are the (row, class) pairs left by the card's "
+                "postprocess"
+            ),
+            check_sides=((image_size, image_size),),
+            output_name="detections",
+            fit=f"fit the whole image into {image_size}x{image_size} keeping its aspect "
+            "ratio, centred, the borders black (a letterbox); boxes come in this "
+            "square's pixels",
+        )
+
+    def exportable(self, model: nn.Module) -> Dense:
+        spec = MODELS.get(self.model_name)
+        if spec.dense is None:
+            raise ConfigError(
+                f"raycv export does not support {self.model_name} yet (torchvision's "
+                "detectors end in data-dependent NMS); yolo_n and yolo_s export, and any "
+                "run's model loads with raycv.artifacts.load_trained"
+            )
+        return Dense(model, spec.dense)
 
     def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
         """Each image with its boxes in its classes' colours; crowd or difficult boxes,
@@ -116,6 +144,26 @@ class Detection:
 
 
 def _not_yet(what: str) -> NoReturn:
-    # Reached from a checkpoint's task (eval, export, predict), where no command check ran.
-    supported = ", ".join(sorted(Detection.commands))
-    raise ConfigError(f"task=detection does not support {what} yet; it supports raycv {supported}")
+    # Config checks refuse a teacher or a student for detection (``Detection.distills``).
+    raise ConfigError(f"task=detection has no {what} yet")
+
+
+class Dense(nn.Module):
+    """A detector as exported: its dense output before NMS (the registry entry's ``dense``
+    method), and the settings that turn it into detections as raycv does (``postprocess``,
+    for the model card)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+        self.postprocess = {
+            "score_threshold": model.score_threshold,
+            "pre_nms_top_k": model.pre_nms_top_k,
+            "nms": "per class, torchvision.ops.batched_nms",
+            "nms_iou": model.nms_iou,
+            "max_detections": model.max_detections,
+        }
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(image)

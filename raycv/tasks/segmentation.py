@@ -20,6 +20,7 @@ from raycv.overlays import classes_present, legend, overlay, palette
 from raycv.tasks.base import (
     TASKS,
     ExportSpec,
+    Logits,
     Metric,
     Preview,
     SummedEvaluator,
@@ -76,7 +77,7 @@ class Segmentation:
     primary: ClassVar[Metric] = Metric("val_miou", "max")
     whole_frame: ClassVar[bool] = True
     default_model: ClassVar[str] = "unet"  # model.name when the config names none
-    commands: ClassVar[frozenset[str] | None] = None  # every command
+    distills: ClassVar[bool] = True
 
     def __init__(self, class_names: list[str], cfg) -> None:
         self.class_names = list(class_names)
@@ -143,6 +144,9 @@ class Segmentation:
             f"{sides} (trained at {image_size}x{image_size})",
             check_sides=checked,
         )
+
+    def exportable(self, model: nn.Module) -> Logits:
+        return Logits(model, self)
 
     def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
         colours = palette(self.ignore_index)
