@@ -342,6 +342,18 @@ class CompressConfig(Section):
     calibration_images: int = Field(
         256, ge=1, description="training images that set int8 activation ranges (and Taylor)"
     )
+    distill: bool = Field(
+        True,
+        description="fine-tune each compressed model distilled from the model compressed "
+        "(distill.teacher, when set, instead), for tasks with a distillation loss "
+        "(classification, segmentation)",
+    )
+    max_drop: float = Field(
+        1.0,
+        ge=0,
+        description="the guard: the final model is the most compressed variant at most this "
+        "many points of the task's metric below the model compressed (else that model)",
+    )
     latency: LatencyConfig = LatencyConfig()
 
     @property
@@ -363,12 +375,6 @@ class PipelineConfig(Section):
         True, description="also train from scratch on the target with the same budget"
     )
     export: bool = Field(True, description="export TorchScript, ONNX and a model card")
-    distill: bool = Field(
-        True,
-        description="compress: fine-tune each pruned model distilled from the fine-tuned one "
-        "(distill.teacher, when set, is used instead), for tasks with a distillation loss "
-        "(classification, segmentation)",
-    )
 
 
 class SpaceEntry(Section):
@@ -815,11 +821,33 @@ def with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return raw
 
 
+# Keys that moved: (section, key) -> (section, key). Configs saved in run folders and
+# checkpoints before the move still load; the old key's value goes where it lives now.
+MOVED = {("pipeline", "distill"): ("compress", "distill")}
+
+
 def validate(raw: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(_moved_keys(raw))
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], raw)) from e
+
+
+def _moved_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    found = [
+        (old, new)
+        for old, new in MOVED.items()
+        if isinstance(raw.get(old[0]), dict) and old[1] in raw[old[0]]
+    ]
+    if not found:
+        return raw
+    raw = {section: dict(v) if isinstance(v, dict) else v for section, v in raw.items()}
+    for (section, key), (to_section, to_key) in found:
+        value = raw[section].pop(key)
+        target = raw.setdefault(to_section, {})
+        if isinstance(target, dict):
+            target.setdefault(to_key, value)
+    return raw
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from raycv.resume import LOCATORS, resumed_config
 from raycv.runs import RunFolder, require_path, write_manifest
 from raycv.session import ensure_ray, local_cpus
 from raycv.sweep.space import apply_sample
-from raycv.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,12 @@ class Pipeline:
         return validate(apply_sample(self.given, dotted))
 
     def final_model(self) -> str | None:
-        for stage in ("compress", "finetune"):
-            if self.done(stage):
-                return stage
-        return None
+        """The compress stage's model unless its guard kept the one it started from (the
+        fine-tuned one), then the fine-tuned model, once trained."""
+        compressed = read_manifest(self.folder("compress")) or {}
+        if self.done("compress") and (compressed.get("guard") or {}).get("kept") != 0:
+            return "compress"
+        return "finetune" if self.done("finetune") else None
 
     def write_manifest(self, status: str) -> None:
         write_manifest(
@@ -160,10 +161,6 @@ def _compress(p: Pipeline) -> Path:
     raw = _finetune_config(p).model_dump(mode="json")
     raw["compress"] = p.cfg.compress.model_dump(mode="json")
     raw["distill"] = p.cfg.distill.model_dump(mode="json")
-    if p.cfg.pipeline.distill and TASKS.get(p.cfg.task).distills and not p.cfg.distill.teacher:
-        # On scarce data the fine-tuned model's soft targets keep more of its accuracy
-        # through pruning than the labels alone (docs/benchmarks.md: 36.7 % against 30.0 %).
-        raw["distill"]["teacher"] = str(p.folder("finetune"))
     folder = p.folder("compress")
     return run_compress(p.folder("finetune"), validate(raw), local=p.local, at=folder).path
 

@@ -200,9 +200,12 @@ def transfer_vs_scratch(
     return _save(fig, out)
 
 
-def compression_tradeoff(rows: list[dict[str, Any]], out: Path) -> Path:
+def compression_tradeoff(
+    rows: list[dict[str, Any]], out: Path, max_drop: float | None = None, mode: str = "max"
+) -> Path:
     """Left: each variant's quality (the task's metric) against its latency (the first
-    batch size timed), the original marked; right: params, MACs, file size and latency
+    batch size timed), the original marked, and the guard's line ``max_drop`` points worse
+    than it (``mode``: which way is better); right: params, MACs, file size and latency
     relative to the original."""
     batch = next(iter(rows[0]["latency_ms"]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -216,6 +219,11 @@ def compression_tradeoff(rows: list[dict[str, Any]], out: Path) -> Path:
             fontsize=8,
         )
     metric = rows[0]["metric"]
+    if max_drop is not None:
+        line = rows[0]["score"] + (-1 if mode == "max" else 1) * max_drop / 100
+        label = f"guard: {max_drop:g} pts worse than the original"
+        left.axhline(line, color="C3", linestyle="--", linewidth=1, label=label)
+        left.legend(fontsize=8)
     left.set(
         title=f"{metric} against latency (batch {batch})", xlabel="latency (ms)", ylabel=metric
     )

@@ -314,7 +314,7 @@ class MetricsRecorder:
     def _keep_best(self, saved: str) -> None:
         """Copy the checkpoint folder ``saved`` (a path in the store for a URI run) to best/."""
         if self.run.uri is None:
-            link = partial(shutil.copytree, saved, copy_function=_link_or_copy)
+            link = partial(shutil.copytree, saved, copy_function=link_or_copy)
             _replace_tree(link, self.run.best)
             return
         remote.replace_on_store(self.run.uri, saved, "best")  # nothing crosses the network
@@ -329,7 +329,7 @@ def _row(per_worker: list[dict[str, Any]]) -> dict[str, Any]:
     return {**row, "worker_nodes": [m.get("node") for m in per_worker]}
 
 
-def _link_or_copy(source: str, target: str) -> None:
+def link_or_copy(source: str, target: str) -> None:
     """A hard link where the file system allows one: a saved checkpoint is never written to
     again, so best/ need not hold a second copy of it (one resnet18 checkpoint is 129 MB)."""
     try:

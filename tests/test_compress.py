@@ -121,7 +121,7 @@ def compressed(artifact, ray_local):
         "compress", str(ckpt), "--student", "mobilenet_v3_small", "--prune", "channel:0.5",
         "--quantize", "int8", "--distill-from", str(ckpt), "--local",
         "compress.steps=2", "compress.epochs=1", "compress.calibration_images=64",
-        "compress.qat_epochs=1",
+        "compress.qat_epochs=1", "compress.max_drop=100",  # the guard: tests/test_guard.py
         "compress.latency.runtime=eager", "compress.latency.repeats=2",
         "compress.latency.batch_sizes=[1, 4]", f"run.storage={root / 'runs'}",
         "data.shapes.num_images=200",  # fewer than the artifact's 400: CI time

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from raycv.cli import build_parser, main
-from raycv.config import Config, ConfigError, dump_config, from_dict, load_config
+from raycv.config import Config, ConfigError, dump_config, from_dict, load_config, validate
 from raycv.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -437,3 +437,12 @@ def test_a_model_of_another_task_is_refused_naming_the_task_s_models():
     assert message.startswith("model.encoder='resnet19' is unknown; e.g. resnet")
     message = config_error({}, ["model.encoder=resnet18"])
     assert message == "model.encoder is for unet, pspnet, deeplabv3plus and yolo_*, not resnet18"
+
+
+def test_a_config_saved_before_a_key_moved_still_loads_with_its_value():
+    """pipeline.distill became compress.distill: run folders and checkpoints written before
+    keep loading (load_trained validates their saved config)."""
+    cfg = validate({"pipeline": {"distill": False, "sweep": False}})
+    assert cfg.compress.distill is False and cfg.pipeline.sweep is False
+    both = validate({"pipeline": {"distill": False}, "compress": {"distill": True}})
+    assert both.compress.distill is True  # the new key, where a config has it, wins

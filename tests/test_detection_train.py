@@ -37,6 +37,7 @@ def test_two_workers_train_and_score_map(det_run):
     for m in history:
         assert 0 <= m["val_map"] <= m["val_map50"] <= 1
         assert all(f"val_ap/{c}" in m for c in CLASSES)
+        assert 0 < m["val_metric_s"] < m["val_s"]  # mAP's scoring, inside the timed pass
 
 
 def test_checkpoint_holds_the_task_and_its_best_map(det_run):

@@ -190,3 +190,32 @@ def test_predict_with_the_exported_model(pipeline, tmp_path):
     out = run_predict(pipeline["run"].path / "export", [str(images)], top_k=2)
     manifest = json.loads((out.path / "manifest.json").read_text())
     assert manifest["counts"] == {"files": 7, "predicted": 6, "bad": 1}
+
+
+@pytest.mark.slow
+def test_a_guard_that_keeps_the_original_makes_the_fine_tuned_model_final(pipeline, tmp_path):
+    """A compress stage that only quantizes leaves no compressed raycv checkpoint to keep:
+    the guard keeps the model it started from, the pipeline's final model is the fine-tuned
+    one, and the export, the manifest and the report all say so."""
+    pretrained = pipeline["run"].path / "pretrain" / "best" / "checkpoint.pt"
+    given = _given(tmp_path)
+    given["pipeline"] = {"pretrain": None, "sweep": False, "scratch": False}
+    given["finetune"] = {"source": str(pretrained), "strategy": "full"}
+    given["train"]["epochs"] = 1
+    given["compress"] = {
+        "quantize": "int8",
+        "calibration_images": 16,
+        "latency": {"runtime": "eager", "repeats": 2, "batch_sizes": [1]},
+    }
+    run = run_pipeline(given, validate(given), local=True).path
+    assert read_manifest(run)["final_model"] == "finetune"
+    compress = read_manifest(run / "compress")
+    assert compress["guard"]["kept"] == 0 and compress["guard"]["kept_variant"] == "original"
+    assert compress["paths"]["best_checkpoint"] == "variants/original"
+    tuned = load_trained(run / "finetune")
+    kept = load_trained(run / "compress")  # the original, linked into the compress folder
+    assert kept.metrics == tuned.metrics
+    assert read_manifest(run / "export")["parent"] == str(run / "finetune")
+    report = (run / "report.md").read_text()
+    assert "The final model is the best checkpoint of `finetune/`" in report
+    assert "its guard kept this model" in report and "The guard kept the original model" in report

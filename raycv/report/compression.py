@@ -17,7 +17,7 @@ def compression(pipeline: PipelineFolder) -> str:
             f"## Compression\n\nNo compression table ({md.code('compress')}: "
             f"{md.text(stage.status)}): the final model is the fine-tuned one."
         )
-    parts = ["## Compression", _steps(stage), markdown(rows)]
+    parts = ["## Compression", _steps(stage), markdown(rows, (stage.manifest or {}).get("guard"))]
     plot = stage.file("plot")
     if plot is not None:
         parts.append(pipeline.figure("compression", plot, "each variant against the original"))

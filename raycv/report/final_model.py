@@ -12,6 +12,19 @@ from raycv.report.folder import PipelineFolder, relative
 from raycv.report.format import DASH, fmt_pct
 
 
+def _guarded(pipeline: PipelineFolder, final: str) -> str:
+    """Why the compressed model is not the final one, when its guard refused it."""
+    compress = pipeline.stages.get("compress")
+    judged = ((compress.manifest or {}).get("guard") or {}) if compress else {}
+    if final == "compress" or judged.get("kept") != 0:
+        return ""
+    return (
+        f" The compress stage ran, but its guard kept this model: no compressed raycv "
+        f"checkpoint stayed within {judged['max_drop']:g} points of it (`compress.max_drop`; "
+        "see Compression)."
+    )
+
+
 def final_model(pipeline: PipelineFolder) -> str:
     heading = "## Final model"
     final = pipeline.manifest.get("final_model")
@@ -22,7 +35,7 @@ def final_model(pipeline: PipelineFolder) -> str:
     parts = [
         heading,
         f"The final model is the best checkpoint of {md.code(f'{final}/')}: best "
-        f"{pipeline.metric_name} {trained} during training.",
+        f"{pipeline.metric_name} {trained} during training.{_guarded(pipeline, final)}",
     ]
     ev = pipeline.evaluation
     if ev is None:
