@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import real_photos
+import budget
 import results
 
 log = logging.getLogger("bench")
@@ -56,6 +56,8 @@ REPO = HERE.parents[1]
 BALLOON = REPO.parent / "shared" / "data" / "balloon"
 EXPERIMENT = "bench-real-masks"
 METHODS = ("raycv", "plain")
+# What the bench keeps of each raycv epoch (besides its stamps and every val_iou/<class>).
+RAYCV_KEYS = ("epoch", "train_loss", "train_miou", "val_loss", "val_miou", "val_pixel_acc")
 IGNORE = 255  # mask value left out of loss and metrics (raycv's data.ignore_index default)
 BASE_OVER_CROP = 520 / 480  # the references' VOC recipe: base size 520, crop 480
 AUX_WEIGHT = 0.5  # the references' auxiliary loss weight
@@ -115,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the plain loop's DataLoader worker processes "
         f"(default: os.cpu_count() = {os.cpu_count()})",
     )
-    real_photos.add_method_options(run, ("plain", "raycv"))
+    budget.add_method_options(run, ("plain", "raycv"))
     # The plain loop's own process: this file again, told when its command was launched.
     p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
@@ -123,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    real_photos.check_raycv_args(p, args)
+    budget.check_raycv_args(p, args)
     args.root = args.root.expanduser().resolve()
     if not args.plain_loop:
         fill_from_config(p, args)
@@ -336,27 +338,6 @@ def evaluate(model, loader, num_classes: int, deadline: float) -> dict | None:
 # ---------------------------------------------------------------- the two methods
 
 
-class RaycvMetrics(real_photos.RaycvMetrics):
-    """real_photos' poller, on this bench's experiment and with segmentation's metrics."""
-
-    KEYS = ("epoch", "train_loss", "train_miou", "val_loss", "val_miou", "val_pixel_acc")
-
-    def __init__(self, storage: Path, launched: float) -> None:
-        super().__init__(storage, launched)
-        self.runs = storage / EXPERIMENT
-
-    def _epoch(self, row: dict[str, Any], seen: float, written: float) -> dict[str, Any]:
-        started = row.get("epoch_started_at")
-        return {
-            **{k: row.get(k) for k in self.KEYS},
-            **{k: v for k, v in row.items() if k.startswith("val_iou/")},
-            "first_batch_s": row.get("first_batch_s"),
-            "seconds": seen,
-            "written_s": written,  # the file's mtime: how much of `seconds` was polling lag
-            "epoch_started_s": None if started is None else started - self.launched,
-        }
-
-
 def run_plain(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     launched = time.time()
     cmd = [sys.executable, __file__, "--plain-loop", f"--launched-at={launched!r}"]
@@ -367,10 +348,10 @@ def run_plain(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     cmd += [f"--epochs={args.plain_epochs}", f"--budget-s={args.budget_s}"]
     cmd += [f"--plain-lr={args.plain_lr}", f"--loader-workers={args.loader_workers}"]
     cmd += [f"--threads={args.threads}"]
-    lines = real_photos.SeedLines(logs / "stdout")
-    watched = real_photos.watch(cmd, launched, args.budget_s, lines.poll, logs)
-    error = real_photos.failed(watched, logs)
-    return real_photos.summarise(cmd, lines.epochs, watched, error, args.budget_s, "val_miou")
+    lines = budget.JsonLines(logs / "stdout")
+    watched = budget.watch(cmd, launched, args.budget_s, lines.poll, logs)
+    error = budget.failed(watched, logs)
+    return budget.summarise(cmd, lines.epochs, watched, error, args.budget_s, "val_miou")
 
 
 def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
@@ -389,16 +370,16 @@ def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
 
 def run_raycv(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     storage = logs / "runs"
-    cmd = real_photos.raycv_command(args, raycv_overrides(args, storage))
+    cmd = budget.raycv_command(args.config, raycv_overrides(args, storage))
     launched = time.time()
-    metrics = RaycvMetrics(storage, launched)
-    watched = real_photos.watch(cmd, launched, args.budget_s, metrics.poll, logs)
-    error = real_photos.failed(watched, logs)
-    return real_photos.summarise(cmd, metrics.epochs, watched, error, args.budget_s, "val_miou")
+    metrics = budget.RaycvMetrics(storage / EXPERIMENT, launched, RAYCV_KEYS, ("val_iou/",))
+    watched = budget.watch(cmd, launched, args.budget_s, metrics.poll, logs)
+    error = budget.failed(watched, logs)
+    return budget.summarise(cmd, metrics.epochs, watched, error, args.budget_s, "val_miou")
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
-    return real_photos.run(args, tmp, {"plain": run_plain, "raycv": run_raycv})
+    return budget.run(args, tmp, {"plain": run_plain, "raycv": run_raycv})
 
 
 def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
@@ -432,7 +413,7 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"{model}, S={args.image_size}, batch {args.batch_size}, {scheduled} scheduled, "
         f"budget {args.budget_s:.0f} s per method from launch, one after the other; "
         f"{args.root.name}: {args.train_split}/ vs {args.val_split}/ scored whole at S x S; "
-        f"raycv epochs stamped when the bench saw them (polled every {real_photos.POLL_S:.0f} s)",
+        f"raycv epochs stamped when the bench saw them (polled every {budget.POLL_S:.0f} s)",
     ]
     return "\n".join(lines)
 
@@ -458,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     goal = {"raycv_minus_plain_val_miou": 0.0}
     title = "Val mIoU in a wall-clock budget on real photos with masks: raycv vs a plain loop"
-    out = real_photos.measure(args, run, "real_masks", goal, title, ("plain_loop", "launched_at"))
+    out = budget.measure(args, run, "real_masks", goal, title, ("plain_loop", "launched_at"))
     print(report(out, args))
     return 1 if any(m["error"] for m in out.values()) else 0
 

@@ -28,22 +28,17 @@ raycv >= seed recipe + 5 points.  Run by hand, not in CI:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import budget
 import results
-from train_throughput import START_TIMEOUT
 
 log = logging.getLogger("bench")
 
@@ -51,8 +46,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 GOAL = 0.05  # raycv's best val accuracy over the seed recipe's, in accuracy (5 points)
 EXPERIMENT = "bench-real-photos"
-POLL_S = 2.0  # how often the bench looks for a new epoch
-GRACE_S = 30.0  # after SIGINT, before SIGKILL: Ray needs a while to stop its workers
+# What the bench keeps of each raycv epoch (besides its stamps).
+RAYCV_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -91,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=REPO / "configs" / "folder.yaml",
         help="raycv config the raycv run starts from (default: configs/folder.yaml)",
     )
-    add_method_options(run, ("seed", "raycv"))
+    budget.add_method_options(run, ("seed", "raycv"))
     # The seed recipe's own process: this file again, told when its command was launched.
     p.add_argument("--seed-recipe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)
@@ -99,31 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("image_size", "batch_size", "budget_s", "loader_workers"):
         if getattr(args, name) < (0 if name == "loader_workers" else 1):
             p.error(f"--{name.replace('_', '-')} is too small (got {getattr(args, name)})")
-    check_raycv_args(p, args)
+    budget.check_raycv_args(p, args)
     results.check_photo_folder(args)
     return args
-
-
-def add_method_options(group: argparse._ArgumentGroup, methods: tuple[str, ...]) -> None:
-    """--raycv-arg and --only, as every raycv-against-a-plain-loop bench takes them."""
-    group.add_argument(
-        "--raycv-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an extra dotted override for raycv train, after the bench's own (repeatable)",
-    )
-    group.add_argument(
-        "--only",
-        choices=methods,
-        help="run one method alone (debugging; the goal is then not checked)",
-    )
-
-
-def check_raycv_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    bad = [a for a in args.raycv_arg if "=" not in a]
-    if bad:
-        p.error(f"--raycv-arg takes KEY=VALUE, e.g. optimizer.lr=3e-3 (got {bad[0]!r})")
 
 
 # ---------------------------------------------------------------- the seed recipe (subprocess)
@@ -203,95 +176,6 @@ def seed_pass(model, loader, deadline: float, optimizer=None) -> dict[str, float
     return {"loss": loss_sum / seen, "acc": correct / seen, "first_batch_s": first_batch_s}
 
 
-# ---------------------------------------------------------------- watching a command
-
-
-class SeedLines:
-    """The seed recipe's epochs: the JSON lines in its stdout file, stamped by its own clock."""
-
-    def __init__(self, stdout: Path) -> None:
-        self.stdout, self.epochs = stdout, []
-
-    def poll(self) -> None:
-        text = self.stdout.read_text() if self.stdout.is_file() else ""
-        # A line still being written has no newline yet: leave it for the next poll.
-        self.epochs = [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
-
-
-class RaycvMetrics:
-    """raycv's epochs from its run folder's metrics.jsonl (rewritten whole by MetricsRecorder
-    after every epoch), each stamped with the time the bench first saw it."""
-
-    def __init__(self, storage: Path, launched: float) -> None:
-        self.runs, self.launched, self.epochs = storage / EXPERIMENT, launched, []
-
-    def poll(self) -> None:
-        from raycv.runs import read_metrics
-
-        now = time.time()
-        found = sorted(self.runs.glob("*/metrics.jsonl"))  # a fresh storage: one run folder
-        if not found:
-            return
-        written = found[0].stat().st_mtime - self.launched
-        for row in read_metrics(found[0])[len(self.epochs) :]:
-            self.epochs.append(self._epoch(row, now - self.launched, written))
-
-    def _epoch(self, row: dict[str, Any], seen: float, written: float) -> dict[str, Any]:
-        keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "first_batch_s")
-        started = row.get("epoch_started_at")
-        return {
-            **{k: row.get(k) for k in keys},
-            "seconds": seen,
-            "written_s": written,  # the file's mtime: how much of `seconds` was polling lag
-            "epoch_started_s": None if started is None else started - self.launched,
-        }
-
-
-def watch(
-    cmd: list[str], launched: float, budget_s: float, poll: Callable[[], None], logs: Path
-) -> dict[str, Any]:
-    """Run ``cmd`` in its own process group, calling ``poll`` every POLL_S s, until it exits or
-    ``budget_s`` after ``launched`` has passed; then stop the whole group."""
-    env = {**os.environ, **{k: v for k, v in START_TIMEOUT.items() if k not in os.environ}}
-    deadline = launched + budget_s
-    with (logs / "stdout").open("w") as out, (logs / "stderr").open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
-        while proc.poll() is None and time.time() < deadline:
-            with contextlib.suppress(subprocess.TimeoutExpired):  # time to poll again
-                proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.time())))
-            poll()
-        stopped = proc.poll() is None
-        stop_group(proc)
-    poll()  # what the command wrote as it stopped; it lands after the budget and is not counted
-    return {"returncode": proc.returncode, "stopped_at_budget": stopped}
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGINT (raycv saves and shuts Ray down), SIGKILL after GRACE_S, and SIGKILL for what is
-    left of the group even after a clean exit: Ray's processes and DataLoader workers share it."""
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=GRACE_S)
-        except subprocess.TimeoutExpired:
-            log.warning("still running %.0f s after SIGINT: SIGKILL", GRACE_S)
-    _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # every process of the group has exited
-        os.killpg(pgid, sig)
-
-
-def failed(watched: dict[str, Any], logs: Path) -> str | None:
-    """The error of a command that exited non-zero on its own (not stopped by the bench)."""
-    if watched["stopped_at_budget"] or watched["returncode"] == 0:
-        return None
-    tail = "\n".join((logs / "stderr").read_text().strip().splitlines()[-15:])
-    return f"exit status {watched['returncode']}:\n{tail}"
-
-
 # ---------------------------------------------------------------- the two methods
 
 
@@ -301,9 +185,10 @@ def run_seed(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     cmd += [f"--root={args.root}", f"--val-split={args.val_split}"]
     cmd += [f"--image-size={args.image_size}", f"--batch-size={args.batch_size}"]
     cmd += [f"--budget-s={args.budget_s}", f"--loader-workers={args.loader_workers}"]
-    lines = SeedLines(logs / "stdout")
-    watched = watch(cmd, launched, args.budget_s, lines.poll, logs)
-    return summarise(cmd, lines.epochs, watched, failed(watched, logs), args.budget_s)
+    lines = budget.JsonLines(logs / "stdout")
+    watched = budget.watch(cmd, launched, args.budget_s, lines.poll, logs)
+    error = budget.failed(watched, logs)
+    return budget.summarise(cmd, lines.epochs, watched, error, args.budget_s)
 
 
 def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
@@ -318,74 +203,21 @@ def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
     ]
 
 
-def raycv_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    """``raycv train args.config *overrides`` through the virtualenv's console script, else
-    ``python -m raycv``; the overrides checked first."""
-    from raycv.config import ConfigError, load_config
-
-    try:  # a typo fails here in a second, not after a launch that the budget pays for
-        load_config(args.config, overrides)
-    except (ConfigError, OSError, ValueError) as e:
-        raise SystemExit(f"error: {args.config} with {' '.join(overrides)}: {e}") from e
-    script = Path(sys.executable).with_name("raycv")
-    head = [str(script)] if script.is_file() else [sys.executable, "-m", "raycv"]
-    return [*head, "train", str(args.config), *overrides]
-
-
 def run_raycv(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     storage = logs / "runs"
-    cmd = raycv_command(args, raycv_overrides(args, storage))
+    cmd = budget.raycv_command(args.config, raycv_overrides(args, storage))
     launched = time.time()
-    metrics = RaycvMetrics(storage, launched)
-    watched = watch(cmd, launched, args.budget_s, metrics.poll, logs)
-    return summarise(cmd, metrics.epochs, watched, failed(watched, logs), args.budget_s)
-
-
-def summarise(
-    cmd: list[str],
-    epochs: list[dict[str, Any]],
-    watched: dict[str, Any],
-    error: str | None,
-    budget_s: float,
-    metric: str = "val_acc",
-) -> dict[str, Any]:
-    """A method's epochs within the budget, its best by ``metric`` and its last."""
-    counted = [e for e in epochs if e["seconds"] <= budget_s]
-    best = max(counted, key=lambda e: e[metric], default=None)  # the earliest of ties
-    first = epochs[0] if epochs else {}
-    return {
-        "command": cmd,
-        **watched,
-        "error": error,
-        "epochs_within_budget": len(counted),
-        "best": best,
-        "last": counted[-1] if counted else None,
-        "first_epoch_s": first.get("seconds"),
-        "epoch1_started_s": first.get("epoch_started_s"),
-        "epoch1_first_batch_s": first.get("first_batch_s"),
-        "epochs": epochs,  # every one seen, including any that landed after the budget
-    }
+    metrics = budget.RaycvMetrics(storage / EXPERIMENT, launched, RAYCV_KEYS)
+    watched = budget.watch(cmd, launched, args.budget_s, metrics.poll, logs)
+    error = budget.failed(watched, logs)
+    return budget.summarise(cmd, metrics.epochs, watched, error, args.budget_s)
 
 
 # ---------------------------------------------------------------- driver
 
 
-def run(
-    args: argparse.Namespace, tmp: Path, methods: dict[str, Callable] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Each method (name -> function of args and its log folder) in turn; ``args.only``
-    runs one."""
-    methods = methods or {"seed": run_seed, "raycv": run_raycv}
-    out = {}
-    for name, method in methods.items():
-        if args.only in (None, name):
-            log.info("%s: up to %.0f s from launch ...", name, args.budget_s)
-            logs = tmp / name
-            logs.mkdir()
-            out[name] = method(args, logs)
-            if out[name]["error"]:
-                log.error("%s failed: %s", name, out[name]["error"])
-    return out
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, dict[str, Any]]:
+    return budget.run(args, tmp, {"seed": run_seed, "raycv": run_raycv})
 
 
 def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
@@ -411,7 +243,7 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         goal_line(out),
         f"S={args.image_size}, batch {args.batch_size}, budget {args.budget_s:.0f} s per method "
         f"from launch, one after the other; {args.root.name}: train/ vs {args.val_split}/; "
-        f"raycv epochs stamped when the bench saw them (polled every {POLL_S:.0f} s)",
+        f"raycv epochs stamped when the bench saw them (polled every {budget.POLL_S:.0f} s)",
     ]
     return "\n".join(lines)
 
@@ -432,31 +264,6 @@ def _accuracy(value: float | None) -> str:
     return "no epoch" if value is None else f"{value:.3f}"
 
 
-def measure(
-    args: argparse.Namespace,
-    run: Callable,
-    benchmark: str,
-    goal: dict[str, float],
-    title: str,
-    private: tuple[str, ...],
-) -> dict[str, dict[str, Any]]:
-    """``run(args, tmp)`` in a temporary folder, its results written to ``args.out`` with
-    the machine and the options (less the subprocess's ``private`` ones); prints the header."""
-    results.setup_logging()
-    info = results.machine()
-    with tempfile.TemporaryDirectory(prefix="raycv-bench-") as tmp:
-        out = run(args, Path(tmp))
-    info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    options = {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in private
-    }
-    data = {"benchmark": benchmark, "machine": info, "args": options, "goal": goal}
-    results.write(args.out, data | {"methods": out})
-    print(results.header(title, info))
-    print()
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.seed_recipe:
@@ -464,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     goal = {"raycv_minus_seed_val_acc": GOAL}
     title = "Val accuracy in a wall-clock budget on real photos: raycv vs the seed recipe"
-    out = measure(args, run, "real_photos", goal, title, ("seed_recipe", "launched_at"))
+    out = budget.measure(args, run, "real_photos", goal, title, ("seed_recipe", "launched_at"))
     print(report(out, args))
     return 1 if any(m["error"] for m in out.values()) else 0
 
