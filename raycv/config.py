@@ -206,6 +206,14 @@ class TrainConfig(Section):
     channels_last: bool = False
     compile: bool = False
     prefetch_batches: int = Field(2, ge=0)
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="an exponential moving average of the weights, updated after every step "
+        "with this decay, is what validation scores and checkpoints keep (0: off; 0.99 to "
+        "0.9999, the longer the run the higher)",
+    )
 
 
 class ScalingConfig(Section):

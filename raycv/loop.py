@@ -19,6 +19,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from raycv import checkpoint, model_stats
 from raycv.checkpoint import unwrap as model_of
@@ -56,10 +57,20 @@ class State:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    # ``train.ema_decay``: the averaged weights, what validation scores and "model" keeps
+    ema: AveragedModel | None = None
+
+    def step_done(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(model_of(self.model))
 
     def to_dict(self, epoch: int, cfg: Config, info: RunInfo, metrics: dict) -> dict[str, Any]:
+        # With an average, "model" is the averaged weights (what eval, export and --from
+        # load) and "trained" the optimizer's own, which a resumed run continues from.
+        trained = {"trained": model_of(self.model).state_dict()} if self.ema else {}
         return {
-            "model": model_of(self.model).state_dict(),
+            "model": model_of(self.ema.module if self.ema else self.model).state_dict(),
+            **trained,
             "optimizer": self.optimizer.state_dict(),
             # The schedule itself is rebuilt from the config; its objects are not weights.
             "scheduler": {
@@ -73,7 +84,10 @@ class State:
         }
 
     def restore(self, saved: dict[str, Any]) -> None:
-        model_of(self.model).load_state_dict(saved["model"])
+        model_of(self.model).load_state_dict(saved.get("trained", saved["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(saved["model"])
+            self.ema.n_averaged.fill_(1)  # average on from here: no copy at the next step
         self.optimizer.load_state_dict(saved["optimizer"])
         lambdas = [None] * len(self.scheduler.lr_lambdas)
         self.scheduler.load_state_dict({**saved["scheduler"], "lr_lambdas": lambdas})
@@ -137,7 +151,8 @@ def train_func(payload: dict[str, Any]) -> None:
             model = state.model = ray.train.torch.prepare_model(model_of(model))
         tuning.train_mode(model_of(model), frozen)
         metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps, teacher)
-        metrics |= evaluate(model, task, val_shard, cfg, device)
+        scored = state.ema.module if state.ema else model  # what the checkpoint keeps
+        metrics |= evaluate(scored, task, val_shard, cfg, device)
         node = ray.get_runtime_context().get_node_id()
         metrics = {"epoch": epoch, **metrics, **stats, "node": node}
         # 4. Report from every worker; rank 0 alone attaches the checkpoint.
@@ -184,7 +199,13 @@ def _build_state(
     steps = steps_per_epoch(cfg, info.num_train)
     scheduler = build_scheduler(optimizer, cfg.scheduler, steps, cfg.train.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    return State(model, optimizer, scheduler, scaler)
+    decay = cfg.train.ema_decay
+    ema = None
+    if decay:  # buffers too: BatchNorm's statistics averaged alike, as the weights they go with
+        ema = AveragedModel(
+            model_of(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+    return State(model, optimizer, scheduler, scaler, ema)
 
 
 def _last_checkpoint(info: RunInfo) -> dict[str, Any] | None:
@@ -230,6 +251,7 @@ def train_one_epoch(
         state.scaler.update()
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
+        state.step_done()
     for _ in batches:  # drain the equal-split tail so the next epoch starts clean
         pass
     elapsed = time.perf_counter() - started

@@ -9,7 +9,7 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +122,69 @@ def latency_ms(
         torch.set_num_threads(previous_threads)
         model.train(was_training)
     return statistics.median(times) * 1000
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model's forward times, in ms: the median and the quartiles around it."""
+
+    median: float
+    q1: float
+    q3: float
+
+    def faster_than(self, other: Timing) -> bool:
+        """Faster beyond the noise: its slower quarter still beats the other's faster one."""
+        return self.q3 < other.q1
+
+
+def interleaved_latency_ms(
+    models: Sequence[nn.Module],
+    image_size: int,
+    batch: int = 1,
+    threads: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    runtime: str = "eager",
+) -> list[Timing]:
+    """Each model's CPU time per eval-mode forward pass over ``batch`` images, the models
+    taking turns ``repeats`` times (one pass each per turn), so that a busy moment of the
+    machine slows all of them alike rather than whichever ran then. All are prepared by
+    ``runtime`` first (compiled, for inductor), then warmed up; threads and modes restored."""
+    copies = [_on_cpu(m) for m in models]
+    example = torch.zeros(batch, 3, image_size, image_size)
+    previous_threads, modes = torch.get_num_threads(), [m.training for m in copies]
+    torch.set_num_threads(threads)
+    samples: list[list[float]] = [[] for _ in copies]
+    try:
+        # Variants of one class share its forward's code: dynamo keeps one compiled graph per
+        # model instance only up to its recompile limit (8), so make room for all of them.
+        limit = max(torch._dynamo.config.recompile_limit, 2 * len(copies))
+        with (
+            torch.inference_mode(),
+            torch._dynamo.config.patch(recompile_limit=limit),
+            contextlib.ExitStack() as stack,
+        ):
+            runs = [stack.enter_context(RUNTIMES.get(runtime)(m.eval())) for m in copies]
+            for run in runs:
+                for _ in range(warmup):
+                    run(example)
+            for _ in range(repeats):
+                for run, times in zip(runs, samples):
+                    start = time.perf_counter()
+                    run(example)
+                    times.append((time.perf_counter() - start) * 1000)
+    finally:
+        torch.set_num_threads(previous_threads)
+        for model, mode in zip(copies, modes):
+            model.train(mode)
+    return [_timing(times) for times in samples]
+
+
+def _timing(times: list[float]) -> Timing:
+    if len(times) < 2:
+        return Timing(times[0], times[0], times[0])
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median, q1, q3)
 
 
 def as_metrics(stats: ModelStats) -> dict[str, float | int]:

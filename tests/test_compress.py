@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from raycv import model_stats
 from raycv.artifacts import checkpoint_file, load_trained, read_manifest
@@ -103,6 +104,21 @@ def test_inductor_latency_runs_compiled_and_restores_the_model():
         model_stats.latency_ms(model, 32, runtime="jit")
 
 
+def test_interleaved_latency_times_each_model_in_turn_with_its_quartiles():
+    """A model four times as wide takes longer, each timing has its quartiles around its
+    median, and the models come back in their modes with the thread count restored."""
+    torch.manual_seed(0)
+    narrow = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).train()
+    wide = nn.Sequential(nn.Conv2d(3, 128, 3), nn.ReLU(), nn.Conv2d(128, 128, 3)).eval()
+    threads = torch.get_num_threads()
+    small, large = model_stats.interleaved_latency_ms([narrow, wide], 48, batch=2, repeats=9)
+    for t in (small, large):
+        assert 0 < t.q1 <= t.median <= t.q3
+    assert large.median > small.median and small.faster_than(large)
+    assert not small.faster_than(small)
+    assert narrow.training and not wide.training and torch.get_num_threads() == threads
+
+
 # ------------------------------------------------------------------ a whole compress run
 
 
@@ -143,6 +159,8 @@ def test_every_step_left_a_row_in_order(compressed):
     assert [r["epochs"] for r in rows] == [0, 1, 1, 2, 2, 3, 3, 4]
     for r in rows:
         assert set(r["latency_ms"]) == {"1", "4"} and all(v > 0 for v in r["latency_ms"].values())
+        for b, (q1, q3) in r["latency_spread_ms"].items():  # timed in turns: a spread each
+            assert 0 < q1 <= r["latency_ms"][b] <= q3
         assert (
             r["metric"] == "val_acc"
             and 0 <= r["score"] <= 1

@@ -110,3 +110,38 @@ def test_pruned_run_reports_smaller_model_and_its_checkpoint_evaluates(ray_local
     result = run_eval(str(run.path), [])
     metrics = json.loads((result.path / "metrics.json").read_text())
     assert metrics["acc"] == pytest.approx(pruned["val_acc"], abs=0.02)
+
+
+def _val_metrics(cfg, weights: dict, class_names: list[str]) -> dict[str, float]:
+    """``weights`` scored on the run's validation split in this process, as the loop does."""
+    import torch
+
+    from raycv.compress.measure import tensors
+    from raycv.data.pipeline import build_streams
+    from raycv.loop import build_model
+    from raycv.tasks import build_task
+
+    model = build_model(cfg, len(class_names))
+    model.load_state_dict(weights)
+    task = build_task(cfg, class_names)
+    meter = task.evaluator()
+    with torch.no_grad():
+        for b in build_streams(cfg).val.iter_batches(batch_size=16, batch_format="numpy"):
+            batch = tensors(b)
+            outputs = task.forward(model.eval(), batch)
+            meter.process(batch, outputs, task.loss(outputs, batch))
+    return meter.evaluate("val")
+
+
+def test_a_weight_average_is_what_validation_scores_and_the_checkpoint_keeps(ray_local, smoke):
+    """train.ema_decay: the checkpoint's "model" is the average (what eval, export and
+    --from load), "trained" the optimizer's weights a resume goes on from; the recorded
+    val_loss is the average's, not the trained weights'."""
+    cfg = from_dict(smoke(train={"epochs": 2, "ema_decay": 0.8}))
+    run = run_train(cfg, local=True)
+    saved = checkpoint.load(checkpoint.checkpoint_epochs(run.checkpoints)[2])
+    recorded = read_metrics(run.metrics)[-1]["val_loss"]
+    averaged = _val_metrics(cfg, saved["model"], saved["class_names"])["val_loss"]
+    trained = _val_metrics(cfg, saved["trained"], saved["class_names"])["val_loss"]
+    assert averaged == pytest.approx(recorded, rel=1e-4)
+    assert abs(trained - recorded) > 1e-3 * recorded  # a different model, scored apart

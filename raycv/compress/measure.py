@@ -1,13 +1,14 @@
 """What each compressed variant costs and how well it does, measured the same way for all:
-parameters, MACs, file size, CPU latency per batch size (median after warm-up, with the
-configured threads and runtime) and the task's primary metric on the validation split
-(top-1 accuracy, mIoU)."""
+parameters, MACs, file size, the task's primary metric on the validation split (top-1
+accuracy, mIoU, mAP) as each variant is made, and at the end CPU latency per batch size for
+all of them at once, the variants taking turns (``time_all``), with the configured threads
+and runtime: median and quartiles."""
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ class Row:
     threads: int
     runtime: str
     epochs: int = 0  # fine-tuning epochs this row's model has had in this run
+    # batch size -> [first quartile, third quartile] of the interleaved timings, in ms
+    latency_spread_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +80,7 @@ class Measurer:
         self.latency = latency
         self.batch_size = batch_size
         self.run_dir = run_dir
+        self.timed: list[tuple[Row, nn.Module]] = []  # every row, its model: time_all
 
     def row(
         self,
@@ -90,7 +94,8 @@ class Measurer:
     ) -> Row:
         """``costs`` and ``file_bytes``: given for models whose weights are not parameters
         (int8 graphs); otherwise the parameters are counted and the state dict's bytes are
-        what saving it alone writes (a checkpoint file also holds the optimizer)."""
+        what saving it alone writes (a checkpoint file also holds the optimizer). Latency
+        is left to ``time_all``."""
         costs = costs or costs_of(model, self.image_size)
         lat = self.latency
         row = Row(
@@ -101,26 +106,31 @@ class Measurer:
             macs=costs.macs,
             file=_relative(file, self.run_dir),
             file_bytes=file_bytes or _state_dict_bytes(model),
-            latency_ms={
-                str(b): model_stats.latency_ms(
-                    model, self.image_size, b, lat.threads, lat.repeats, lat.warmup, lat.runtime
-                )
-                for b in lat.batch_sizes
-            },
+            latency_ms={},
             metric=self.task.primary.name,
             score=self.score(model),
             threads=lat.threads,
             runtime=lat.runtime,
             epochs=epochs,
         )
-        log.info(
-            "%s: %s %.4f, latency %s ms",
-            variant,
-            row.metric,
-            row.score,
-            _fmt_latency(row.latency_ms),
-        )
+        log.info("%s: %s %.4f", variant, row.metric, row.score)
+        self.timed.append((row, model))
         return row
+
+    def time_all(self) -> None:
+        """Every row's latency at each batch size, all models taking turns (so that the
+        machine's busy moments hit every variant alike): median and quartiles."""
+        lat = self.latency
+        rows, models = zip(*self.timed)
+        for b in lat.batch_sizes:
+            timings = model_stats.interleaved_latency_ms(
+                models, self.image_size, b, lat.threads, lat.repeats, lat.warmup, lat.runtime
+            )
+            for row, t in zip(rows, timings):
+                row.latency_ms[str(b)] = t.median
+                row.latency_spread_ms[str(b)] = [t.q1, t.q3]
+        for row in rows:
+            log.info("%s: latency %s ms", row.variant, _fmt_latency(row.latency_ms))
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> float:

@@ -126,6 +126,7 @@ def run_compress(
     for name in ("student", "prune", "quantize"):
         if STEPS.get(name).wanted(cfg):
             STEPS.get(name).run(job)
+    job.measurer.time_all()
     write_outputs(job, time.time() - started)
     return run
 

@@ -88,10 +88,12 @@ def markdown(rows: list[dict[str, Any]], judged: dict[str, Any] | None = None) -
     first = rows[0]
     notes = (
         f"Latency: median of repeated runs after warm-up on the CPU, "
-        f"{first['threads']} thread(s), {first['runtime']} runtime; speed-up against the "
-        "original at the same batch size. Quality: the task's metric on the validation split "
-        f"({first['metric']}). File: the "
-        "saved model (fp32 raycv checkpoint, or the int8 .pt2 archive)."
+        f"{first['threads']} thread(s), {first['runtime']} runtime, the variants taking turns "
+        "(± half the interquartile range); speed-up against the original at the same batch "
+        "size, marked ≈ where the two timings' quartiles overlap (not faster beyond the "
+        "noise). Quality: the task's metric on the validation split "
+        f"({first['metric']}). File: the saved model (fp32 raycv checkpoint, or the int8 .pt2 "
+        "archive)."
     )
     return f"{table}\n\n{notes}" + (f"\n\n{_guard_text(rows, judged)}" if judged else "")
 
@@ -137,21 +139,39 @@ def _cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     header += [metric_words(base["metric"]), "vs original", *(["guard"] if judged else [])]
     body = []
     for r in rows:
-        lat = [r["latency_ms"].get(b) for b in batches]
         body.append(
             [
                 r["variant"],
                 fmt_count(r["params"]) + _nonzero(r),
                 fmt_count(r["macs"]),
                 fmt_size(r["file_bytes"]),
-                *[DASH if missing(v) else f"{v:.2f} ms" for v in lat],
-                *[fmt_ratio(base["latency_ms"][b], r["latency_ms"].get(b)) for b in batches],
+                *[_latency(r, b) for b in batches],
+                *[_speed_up(base, r, b) for b in batches],
                 fmt_pct(r["score"]),
                 f"{100 * (r['score'] - base['score']):+.1f} pts",
                 *([r["guard"]] if judged else []),
             ]
         )
     return header, body
+
+
+def _latency(row: dict[str, Any], batch: str) -> str:
+    """The median, and the quartiles' half-width where the timings were interleaved."""
+    ms, spread = row["latency_ms"].get(batch), (row.get("latency_spread_ms") or {}).get(batch)
+    if missing(ms):
+        return DASH
+    return f"{ms:.2f} ms" + (f" ±{(spread[1] - spread[0]) / 2:.2f}" if spread else "")
+
+
+def _speed_up(base: dict[str, Any], row: dict[str, Any], batch: str) -> str:
+    """The ratio of medians; "≈" where the two timings' quartiles overlap, so neither is
+    faster beyond the noise."""
+    ratio = fmt_ratio(base["latency_ms"][batch], row["latency_ms"].get(batch))
+    ours, theirs = ((r.get("latency_spread_ms") or {}).get(batch) for r in (row, base))
+    if row is base or not ours or not theirs or ratio == DASH:
+        return ratio
+    apart = ours[1] < theirs[0] or theirs[1] < ours[0]
+    return ratio if apart else f"≈{ratio}"
 
 
 def _nonzero(row: dict[str, Any]) -> str:
