@@ -164,7 +164,9 @@ def interleaved_latency_ms(
             torch._dynamo.config.patch(recompile_limit=limit),
             contextlib.ExitStack() as stack,
         ):
-            runs = [stack.enter_context(RUNTIMES.get(runtime)(m.eval())) for m in copies]
+            for m in copies:
+                m.eval()  # not chained: an exported int8 graph's eval() returns None
+            runs = [stack.enter_context(RUNTIMES.get(runtime)(m)) for m in copies]
             for run in runs:
                 for _ in range(warmup):
                     run(example)
