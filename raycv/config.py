@@ -513,6 +513,12 @@ class RunConfig(Section):
         description="worker-failure restarts from the last checkpoint (-1: forever); "
         "default 0, or 3 with an elastic scaling.num_workers range (it resizes by restarting)",
     )
+    progress_every_s: float = Field(
+        30.0,
+        gt=0,
+        description="where output is not a terminal (a file, CI, job logs): a progress line "
+        "this often within a long epoch (a terminal shows a bar instead)",
+    )
     dashboard_host: str = Field(
         "127.0.0.1",
         description="address a local Ray's dashboard listens on; 0.0.0.0 opens it to the network",

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from raycv import checkpoint, model_stats
+from raycv import checkpoint, model_stats, verbosity
 from raycv.checkpoint import unwrap as model_of
 from raycv.config import Config
 from raycv.distill import Teacher, load_teacher
@@ -30,6 +30,7 @@ from raycv.finetune.sources import load_source_weights
 from raycv.finetune.strategies import FineTuning
 from raycv.models import create_model
 from raycv.optim import build_optimizer, build_scheduler, scaled_lr
+from raycv.progress import EpochProgress, val_steps
 from raycv.pruning import PRUNERS, prune_model
 from raycv.runs import MetricsRecorder, RunFolder
 from raycv.tasks import Task, build_task, total
@@ -49,6 +50,8 @@ class RunInfo:
     class_names: list[str]
     num_train: int
     local: bool = False
+    num_val: int = 0
+    progress: str = "off"  # progress.mode(): bar, lines or off, as the driver's terminal allows
 
 
 @dataclass
@@ -104,6 +107,7 @@ def steps_per_epoch(cfg: Config, num_train: int) -> int:
 
 def train_func(payload: dict[str, Any]) -> None:
     _quiet_report_lines()
+    verbosity.configure(verbose_flag=False)  # RAYCV_LOG_LEVEL came with the env: progress lines
     cfg = Config.model_validate(payload["config"])
     info = RunInfo(**payload["run"])
     ctx = ray.train.get_context()
@@ -150,13 +154,24 @@ def train_func(payload: dict[str, Any]) -> None:
             tuning.set_trainable(model_of(model), frozen)
             model = state.model = ray.train.torch.prepare_model(model_of(model))
         tuning.train_mode(model_of(model), frozen)
-        metrics = train_one_epoch(model, state, task, train_shard, cfg, device, steps, teacher)
+        shown = _progress(info, cfg, rank, epoch, "train", steps)
+        metrics = train_one_epoch(
+            model, state, task, train_shard, cfg, device, steps, teacher, shown
+        )
         scored = state.ema.module if state.ema else model  # what the checkpoint keeps
-        metrics |= evaluate(scored, task, val_shard, cfg, device)
+        shown = _progress(info, cfg, rank, epoch, "val", val_steps(info.num_val, cfg))
+        metrics |= evaluate(scored, task, val_shard, cfg, device, shown)
         node = ray.get_runtime_context().get_node_id()
         metrics = {"epoch": epoch, **metrics, **stats, "node": node}
         # 4. Report from every worker; rank 0 alone attaches the checkpoint.
         _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
+
+
+def _progress(info: RunInfo, cfg: Config, rank: int, epoch: int, phase: str, steps: int):
+    """What this worker shows of a pass: rank 0 what the driver asked for, the others none."""
+    how = info.progress if rank == 0 else "off"
+    every_s = cfg.run.progress_every_s
+    return EpochProgress(how, phase, f"{epoch}/{cfg.train.epochs}", steps, every_s)
 
 
 def start_reading(clock, epoch: int, rank: int) -> None:
@@ -222,23 +237,33 @@ def _last_checkpoint(info: RunInfo) -> dict[str, Any] | None:
 
 
 def train_one_epoch(
-    model, state: State, task: Task, shard, cfg: Config, device, steps: int, teacher: Teacher | None
+    model,
+    state: State,
+    task: Task,
+    shard,
+    cfg: Config,
+    device,
+    steps: int,
+    teacher: Teacher | None,
+    progress: EpochProgress,
 ) -> dict:
     """One epoch of steps; the caller has put the model in training mode. With a
     ``teacher``, the loss that trains blends in its soft targets."""
     accum = cfg.train.grad_accum_steps
-    batches = _batches(shard, cfg, device, train=True)
+    batches = _timed(_batches(shard, cfg, device, train=True))
     meter = task.evaluator()
     parts = LossParts()
     waited, first_batch_s = 0.0, None
     started_at = time.time()  # wall clock: benchmarks measure start-up against it
     started = time.perf_counter()
+    world = ray.train.get_context().get_world_size()
+    step_images = accum * (cfg.train.batch_size // world) * world  # all workers together
     for step in range(steps):
+        step_waited = 0.0
         for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - t0
-            first_batch_s = waited if first_batch_s is None else first_batch_s
+            batch, seconds = next(batches)
+            step_waited += seconds
+            first_batch_s = step_waited if first_batch_s is None else first_batch_s
             sync = micro == accum - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else model.no_sync():
                 outputs, losses = _forward(model, task, batch, cfg, device, teacher)
@@ -252,17 +277,18 @@ def train_one_epoch(
         state.optimizer.zero_grad(set_to_none=True)
         state.scheduler.step()
         state.step_done()
+        waited += step_waited
+        progress.step(step_images, step_waited, loss)
     for _ in batches:  # drain the equal-split tail so the next epoch starts clean
         pass
+    progress.close()
     elapsed = time.perf_counter() - started
-    world = ray.train.get_context().get_world_size()
-    images = steps * accum * (cfg.train.batch_size // world) * world  # all workers together
     meter.sync(device)
     return {
         **meter.evaluate("train"),
         **parts.means("train", device),
         "lr": state.optimizer.param_groups[0]["lr"],
-        "images_per_s": images / elapsed,
+        "images_per_s": steps * step_images / elapsed,
         "data_wait": waited / elapsed,
         "epoch_s": elapsed,
         "epoch_started_at": started_at,
@@ -280,16 +306,19 @@ def _check_finite(loss: torch.Tensor, step: int, cfg: Config) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, shard, cfg: Config, device) -> dict[str, float]:
+def evaluate(model, task: Task, shard, cfg: Config, device, progress: EpochProgress) -> dict:
     """The validation metrics, with the pass's seconds (``val_s``) and, of those, what
     combining and scoring the workers' states took (``val_metric_s``: COCO mAP's share)."""
     started = time.perf_counter()
     model.eval()
     _share_buffers(model)
     meter = task.evaluator()
-    for batch in _batches(shard, cfg, device, train=False):
+    world = ray.train.get_context().get_world_size()
+    for batch, waited in _timed(_batches(shard, cfg, device, train=False)):
         outputs, losses = _forward(model, task, batch, cfg, device)
         meter.process(batch, outputs, losses)
+        progress.step(len(batch["image"]) * world, waited, total(losses))
+    progress.close()
     scoring = time.perf_counter()
     meter.sync(device)
     metrics = meter.evaluate("val")
@@ -354,6 +383,16 @@ def _batches(shard, cfg: Config, device, train: bool):
             device=device,
         )
     )
+
+
+def _timed(batches):
+    """Each batch with the seconds spent waiting for it."""
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - started
 
 
 def _report(metrics: dict, saved: dict | None, cfg: Config, info: RunInfo) -> None:

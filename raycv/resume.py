@@ -21,9 +21,10 @@ LOCATORS = frozenset({"experiment", "run.storage"})
 # checked against the run's before training), go on for longer (the learning-rate schedule
 # is drawn again for the new length, from the epoch it stopped at), survive more failures
 # and keep more or fewer checkpoints, and log to other experiment trackers (an MLflow or W&B
-# run that this run folder started goes on; one turned on now gets the earlier epochs too).
+# run that this run folder started goes on; one turned on now gets the earlier epochs too)
+# or print its progress lines at another interval.
 TRAINING = LOCATORS | {"data.folder.root", "train.epochs", "run.max_failures", "checkpoint.keep"}
-TRAINING |= {"run.loggers", "run.mlflow.tracking_uri", "run.wandb.mode"}
+TRAINING |= {"run.loggers", "run.mlflow.tracking_uri", "run.wandb.mode", "run.progress_every_s"}
 
 
 def given_keys(overrides: Sequence[str]) -> list[str]:

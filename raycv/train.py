@@ -3,7 +3,10 @@ finished run folder (config, metrics, checkpoints, curves, manifest)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -24,6 +27,7 @@ from raycv.doctor import require_fit
 from raycv.errors import DataError, NonFiniteLossError, RunFailedError
 from raycv.finetune.sources import apply_source
 from raycv.loop import RunInfo, recorder, train_func
+from raycv.progress import mode as progress_mode
 from raycv.resume import LOCATORS, TRAINING, resumed_config
 from raycv.runs import MetricsRecorder, RunFolder, read_metrics, require_path, write_manifest
 from raycv.session import ensure_ray
@@ -124,7 +128,10 @@ def fit(
     streams = build_streams(cfg)
     check_teacher_classes(cfg, streams.class_names)
     check_resumed_classes(run, streams.class_names)
-    info = RunInfo(str(run.path), streams.class_names, streams.num_train, local)
+    shows = progress_mode(progress)
+    info = RunInfo(
+        str(run.path), streams.class_names, streams.num_train, local, streams.num_val, shows
+    )
     if progress:
         log.info(
             "data: %d train / %d val images, %d classes, %d unreadable files skipped",
@@ -155,7 +162,14 @@ def fit(
         datasets={"train": streams.train, "val": streams.val},
     )
     try:
-        trainer.fit()
+        with _ctrl_c_interrupts():
+            trainer.fit()
+    except KeyboardInterrupt:
+        # Finished epochs are kept: eval, export and --from take the run, --resume goes on.
+        stopped = {**extra, "paths": _paths(run, None)}
+        write_manifest(run, cfg, "interrupted", stopped, kind, parent=cfg.finetune.source)
+        _finish_trackers(run, cfg, "KILLED", stopped["paths"])
+        raise
     # Local mode runs the loop in this process, so the loop's own error arrives unwrapped.
     except (ray.train.TrainingFailedError, NonFiniteLossError) as e:
         reason = describe_failure(e)
@@ -165,6 +179,22 @@ def fit(
         _finish_trackers(run, cfg, "FAILED", failed["paths"])
         raise RunFailedError(f"training failed: {reason}; {failure_hint(reason, run)}") from e
     return streams.skipped
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts():
+    """Ctrl-C during ``fit`` as a KeyboardInterrupt, as everywhere else in raycv. Ray Train's
+    own SIGINT handler aborts the run's controller and then calls ``sys.exit(0)`` (the
+    process still exits 1, unexplained), and it stays installed after ``fit``: here its
+    SystemExit becomes the interrupt, and the handler from before comes back."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as e:  # only Ray's handler exits from inside fit
+        raise KeyboardInterrupt from e
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
 
 def check_resumed_classes(run: RunFolder, class_names: list[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 
 ENV = "RAYCV_LOG_LEVEL"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -25,6 +26,7 @@ DISK_FULL = 0.95
 # Also the raylet's notice (a WARNING line) that a node started more Python workers than it
 # expects at once: Train, Tune and Ray Data start many on a small machine, by design.
 # And the raylet's disk-full error, repeated every 10 s: raycv says it once (warn_if_disk_full).
+# And Train's placement-group cleaner, which loses the controller that Ctrl-C stopped.
 # Setting RAY_BACKEND_LOG_LEVEL instead makes every process print a line saying it did.
 CORE_NOTICES = "|".join(
     (
@@ -32,8 +34,19 @@ CORE_NOTICES = "|".join(
         r"'PreemptionWatcher'.*max_restarts",
         r"PYTHON worker processes have been started on node",
         r"file_system_monitor\.cc:\d+: .* is over \d+% full",
+        r"Failed to query Ray Train Controller actor state",
     )
 )
+
+# How the driver draws a worker's progress bar. Ray's driver side makes the tqdm (with
+# unit_scale, so "9.00/40.0"); tqdm's TQDM_* variables set what Ray does not pass. The state
+# arrives in bursts through the worker's log, so the rate between two arrivals means nothing:
+# no rate on the bar (its text carries img/s) and the time left from the average (smoothing 0).
+BAR_STYLE = {
+    "TQDM_BAR_FORMAT": "{desc} {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} steps "
+    "[{elapsed}<{remaining}]",
+    "TQDM_SMOOTHING": "0",
+}
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,11 @@ def configure(verbose_flag: bool) -> None:
         # Tune's own experiment banner and paths (raycv's trial table says what matters):
         # without its new output engine, Tune at verbose=0 prints nothing.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not sys.stdout.isatty():  # a file or a pipe: Ray's worker prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if sys.stderr.isatty():  # the bars this driver draws for its workers (raycv.progress)
+        for name, value in BAR_STYLE.items():
+            os.environ.setdefault(name, value)
     # Other libraries (the ONNX exporter's passes, ...) at WARNING, their INFO when verbose.
     others = logging.INFO if verbose() else max(ours, logging.WARNING)
     logging.basicConfig(level=others, format="%(message)s")
@@ -79,7 +97,9 @@ def ray_level() -> int:
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray's worker processes (a runtime environment's ``env_vars``)."""
-    env = {ENV: os.environ.get(ENV, "info")}
+    # Train's workers send print() through a logger that writes each line twice, once with a
+    # blank line after it: a progress bar's state (raycv.progress) must reach the driver once.
+    env = {ENV: os.environ.get(ENV, "info"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if verbose():
         return env | {"RAY_DATA_LOG_LEVEL": "INFO"}
     # Ray Data's notices ("execution finished", "Progress bars disabled") and the deprecation

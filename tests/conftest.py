@@ -242,6 +242,7 @@ RAY_NOISE = (
     "Started a local Ray instance",
     ".cc:",  # any line of Ray's C++ core (logging.cc, core_worker.cc, ...)
     "PreemptionWatcher",
+    "Failed to query Ray Train Controller actor state",
     "PYTHON worker processes have been started",
     "DeprecationWarning",
     "execution finished",
