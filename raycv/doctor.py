@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raycv.config import Config, ConfigError, ScalingConfig
 from raycv.runs import storage_root
-from raycv.session import ensure_ray
+from raycv.session import ensure_ray, oversubscription, physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class NodeProbe:
     torch: str | None = None
     cuda: str | None = None  # the CUDA torch was built with; None for a CPU build
     nccl: str | None = None
+    cores: int | None = None  # physical cores: Ray counts logical CPUs, which may be more
     torch_error: str | None = None
     write_error: str | None = None
     peer_error: str | None = None  # reading the probe another node wrote
@@ -104,6 +105,7 @@ def run_doctor(cfg: Config, address: str | None = None) -> Report:
         check_resources(cfg.scaling, nodes),
         *check_idle_gpus(cfg.scaling, nodes),
         check_data_cpus(cfg.scaling, nodes),
+        check_cores(cfg.scaling, nodes, report.probes),
         *check_storage(report.storage, nodes, report.probes),
         *check_versions(cfg.scaling, nodes, report.probes),
     ]
@@ -171,6 +173,22 @@ def check_resources(scaling: ScalingConfig, nodes: list[Node]) -> Finding:
         f"{what} do not fit: {_why(scaling, nodes, room)}",
         _resources_fix(scaling, nodes, room),
     )
+
+
+def check_cores(scaling: ScalingConfig, nodes: list[Node], probes: dict[str, NodeProbe]) -> Finding:
+    """The workers' CPUs against the physical cores of the nodes (their CPUs counted where
+    a node did not answer)."""
+    cores = sum(_cores(n, probes) for n in nodes)
+    warning = oversubscription(scaling, cores)
+    if warning:
+        return Finding("cores", "warn", warning)
+    wanted = scaling.max_workers * scaling.cpus_per_worker
+    return Finding("cores", "ok", f"the workers take {wanted:g} of {cores} physical cores")
+
+
+def _cores(node: Node, probes: dict[str, NodeProbe]) -> int:
+    probe = probes.get(node.node_id)
+    return probe.cores if probe and probe.cores else math.floor(node.cpus)
 
 
 def _describe_workers(scaling: ScalingConfig) -> str:
@@ -382,7 +400,7 @@ def _filesystem(storage: str):
 def _write_probe(storage: str, name: str) -> dict:
     """On one node: its torch build, and whether ``storage`` takes a file there. Needs no
     CPU, so it runs even where every CPU is taken (or a head started with 0 CPUs)."""
-    facts: dict[str, Any] = _torch_facts()
+    facts: dict[str, Any] = {**_torch_facts(), "cores": physical_cores()}
     try:
         fs, root = _filesystem(storage)
         fs.create_dir(root, recursive=True)
@@ -553,15 +571,17 @@ def format_report(report: Report) -> str:
 
 def _headline(report: Report) -> str:
     cpus = sum(n.cpus for n in report.nodes)
+    cores = sum(_cores(n, report.probes) for n in report.nodes)
     gpus = sum(n.gpus for n in report.nodes)
     return (
-        f"raycv doctor: {_nodes(len(report.nodes))} ({cpus:g} CPUs, {gpus:g} GPUs); config wants "
+        f"raycv doctor: {_nodes(len(report.nodes))} ({cpus:g} CPUs on {cores} physical cores, "
+        f"{gpus:g} GPUs); config wants "
         f"{_describe_workers(report.scaling)}; run.storage {report.storage}"
     )
 
 
 def _node_table(report: Report) -> list[str]:
-    rows = [("node", "address", "CPUs", "GPUs", "torch", "CUDA", "NCCL", "storage")]
+    rows = [("node", "address", "CPUs", "cores", "GPUs", "torch", "CUDA", "NCCL", "storage")]
     for n in report.nodes:
         p = report.probes.get(n.node_id, NodeProbe(n.node_id))
         rows.append(
@@ -569,6 +589,7 @@ def _node_table(report: Report) -> list[str]:
                 n.short_id + (" (head)" if n.is_head else ""),
                 n.address,
                 f"{n.cpus:g}",
+                str(p.cores or "?"),
                 f"{n.gpus:g}",
                 p.torch or "?",
                 p.cuda or "-",

@@ -9,11 +9,12 @@ import os
 import socket
 import tempfile
 
+import psutil
 import ray
 import ray.data
 
 from raycv import verbosity
-from raycv.config import Config
+from raycv.config import Config, ScalingConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,30 @@ def local_cpus(cfg: Config) -> int:
     cores on purpose: augmentation runs while the workers wait on each other."""
     workers = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker  # an elastic run: its most
     return math.ceil(workers) + (os.cpu_count() or 1)
+
+
+def physical_cores() -> int:
+    """The cores this process may run on, a core's hyper-threads counted once: the smaller
+    of the machine's physical cores and the logical CPUs its affinity allows (a container
+    pinned to some of them)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    return min(cores, usable or cores)
+
+
+def oversubscription(scaling: ScalingConfig, cores: int) -> str | None:
+    """What is wrong when the training workers alone reserve more CPUs than there are
+    ``cores``: Ray counts logical CPUs (a local Ray gets extra for Ray Data, on purpose),
+    so such a run starts and then its workers' steps share the cores."""
+    wanted = scaling.max_workers * scaling.cpus_per_worker
+    if wanted <= cores:
+        return None
+    return (
+        f"the workers take {wanted:g} CPUs ({scaling.max_workers} x {scaling.cpus_per_worker:g})"
+        f" on {cores} physical cores, {wanted / cores:.1f}x oversubscribed before Ray Data's "
+        f"tasks: their steps will share cores; give them {cores} CPUs at most in all "
+        "(scaling.num_workers x scaling.cpus_per_worker)"
+    )
 
 
 def quiet_data_progress() -> None:
@@ -49,7 +74,16 @@ def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
         return
     num_cpus = num_cpus or local_cpus(cfg)
     dashboard = start_local(num_cpus, cfg.run.dashboard_host)
-    log.info("started a local Ray with %s logical CPUs; dashboard: %s", num_cpus, dashboard)
+    cores = physical_cores()
+    log.info(
+        "started a local Ray with %s logical CPUs on %d physical cores; dashboard: %s",
+        num_cpus,
+        cores,
+        dashboard,
+    )
+    warning = oversubscription(cfg.scaling, cores)
+    if warning:
+        log.warning("warning: %s", warning)
     verbosity.warn_if_disk_full(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()))
 
 

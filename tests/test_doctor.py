@@ -22,13 +22,15 @@ from ray.cluster_utils import Cluster
 from raycv.config import ScalingConfig, from_dict
 from raycv.doctor import (
     Node,
+    NodeProbe,
+    check_cores,
     check_data_cpus,
     check_resources,
     format_report,
     room_for_workers,
     run_doctor,
 )
-from raycv.session import free_port
+from raycv.session import free_port, physical_cores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +85,7 @@ def test_every_node_is_probed_and_storage_is_shared(two_nodes, config, tmp_path)
     assert set(report.probes) == alive and len(alive) == 2
     for probe in report.probes.values():
         assert (probe.torch, probe.cuda) == (torch.__version__, torch.version.cuda)
+        assert probe.cores == physical_cores()  # each node's own count (here: one machine)
         assert probe.write_error is None and probe.peer_error is None
     assert finding(report, "shared storage").level == "ok"
     assert sorted(n.cpus for n in report.nodes) == [1, 2]
@@ -218,3 +221,13 @@ def test_an_elastic_range_needs_room_for_its_minimum_and_keeps_cpus_for_data():
     assert data.level == "ok" and data.message.startswith("3 CPUs left")  # 2 on node c
     greedy = check_data_cpus(ScalingConfig(num_workers=(1, 4), cpus_per_worker=1), nodes)
     assert greedy.level == "error"  # four workers would take every CPU
+
+
+def test_workers_that_take_more_cpus_than_physical_cores_are_a_warning_with_the_ratio():
+    nodes = [Node("a", "10.0.0.1", cpus=18, gpus=0), Node("b", "10.0.0.2", cpus=3, gpus=0)]
+    probes = {"a": NodeProbe("a", cores=2)}  # b did not answer: its 3 CPUs count as cores
+    over = check_cores(ScalingConfig(num_workers=8, cpus_per_worker=2), nodes, probes)
+    assert over.level == "warn"
+    assert over.message.startswith("the workers take 16 CPUs (8 x 2) on 5 physical cores, 3.2x")
+    fits = check_cores(ScalingConfig(num_workers=(1, 5), cpus_per_worker=1), nodes, probes)
+    assert (fits.level, fits.message) == ("ok", "the workers take 5 of 5 physical cores")

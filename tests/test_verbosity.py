@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from raycv.runs import read_metrics
+from raycv.session import physical_cores
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -97,6 +98,8 @@ def test_a_default_run_prints_its_own_lines_and_none_of_rays(quiet_env, tmp_path
     printed = done.stdout + done.stderr
     assert not ray_noise(printed), "\n".join(ray_noise(printed))
     assert printed.count("dashboard: http://127.0.0.1:") == 1
+    assert f"logical CPUs on {physical_cores()} physical cores; dashboard" in printed
+    assert "oversubscribed" not in printed or physical_cores() < 2  # 2 workers x 1 CPU
     assert "epoch 2/2 |" in printed  # the controller's progress lines still come through
     assert done.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "runs"))
     assert "\r" not in printed and "\x1b[" not in printed  # no bar, no colour codes
@@ -216,3 +219,12 @@ def test_ctrl_c_stops_with_one_line_and_resume_goes_on(quiet_env, tmp_path, ray_
     epochs = [row["epoch"] for row in read_metrics(folder / "metrics.jsonl")]
     assert epochs == [1, 2, 3]  # each once: the interrupted epoch again, none twice
     assert json.loads((folder / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_a_run_that_oversubscribes_the_cores_says_by_how_much_at_its_start(quiet_env, tmp_path):
+    cores = physical_cores()
+    scaling = [f"scaling.num_workers={4 * cores}", "scaling.cpus_per_worker=2"]
+    done = run("doctor", str(SMOKE), *scaling, env=quiet_env, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = f"warning: the workers take {8 * cores} CPUs ({4 * cores} x 2) on {cores} physical "
+    assert f"{start}cores, 8.0x oversubscribed" in done.stdout + done.stderr
