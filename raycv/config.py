@@ -580,6 +580,11 @@ class Config(Section):
         _check_workers(self)
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 on CPU")
+        if self.train.compile and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.compile=true needs scaling.use_gpu=true (the loop compiles on CUDA only); "
+                "drop train.compile on CPU"
+            )
         from raycv.models import check_input_size, check_weights
 
         check_weights(self.model.name, self.model.weights, self.model.encoder)

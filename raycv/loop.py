@@ -139,8 +139,7 @@ def train_func(payload: dict[str, Any]) -> None:
     PRUNERS.get(cfg.prune.method).attach(model_of(model), state.optimizer)
     if saved:
         state.restore(saved)
-    if cfg.train.compile and device.type == "cuda":
-        model = torch.compile(model)
+    model = _compiled(model, cfg, device)
 
     # 3. This worker's shard of each Ray Data stream.
     train_shard = ray.train.get_dataset_shard("train")
@@ -152,7 +151,8 @@ def train_func(payload: dict[str, Any]) -> None:
         if tuning.frozen(epoch) != frozen:  # gradual unfreezing: the backbone joins in
             frozen = tuning.frozen(epoch)
             tuning.set_trainable(model_of(model), frozen)
-            model = state.model = ray.train.torch.prepare_model(model_of(model))
+            state.model = ray.train.torch.prepare_model(model_of(model))
+            model = _compiled(state.model, cfg, device)  # model_of took the compiled wrapper off
         tuning.train_mode(model_of(model), frozen)
         shown = _progress(info, cfg, rank, epoch, "train", steps)
         metrics = train_one_epoch(
@@ -165,6 +165,12 @@ def train_func(payload: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, **metrics, **stats, "node": node}
         # 4. Report from every worker; rank 0 alone attaches the checkpoint.
         _report(metrics, state.to_dict(epoch, cfg, info, metrics) if rank == 0 else None, cfg, info)
+
+
+def _compiled(model: nn.Module, cfg: Config, device) -> nn.Module:
+    """``train.compile``: the (DDP-wrapped) model compiled, on CUDA (the config refuses it
+    without GPUs)."""
+    return torch.compile(model) if cfg.train.compile and device.type == "cuda" else model
 
 
 def _progress(info: RunInfo, cfg: Config, rank: int, epoch: int, phase: str, steps: int):

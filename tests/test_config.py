@@ -185,6 +185,13 @@ def test_fp16_needs_a_gpu():
     assert cfg.train.precision == "fp16"
 
 
+def test_compile_needs_a_gpu():
+    message = config_error({}, ["train.compile=true"])
+    assert message.startswith("train.compile=true needs scaling.use_gpu=true")
+    assert message.endswith("drop train.compile on CPU")
+    assert from_dict({}, ["train.compile=true", "scaling.use_gpu=true"]).train.compile
+
+
 # ------------------------------------------------------------------ YAML files and overrides
 
 
