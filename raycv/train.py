@@ -322,6 +322,17 @@ def _latest_checkpoint(run: RunFolder) -> str | None:
     return f"checkpoints/{epochs[max(epochs)]}" if epochs else None
 
 
+def first_batches(history: list[dict[str, Any]]) -> str:
+    """How long each epoch waited for its first batch: the first epoch of this run (Ray
+    Data's start-up, a cache being filled) apart from the range of the others."""
+    waits = [(h["epoch"], h["first_batch_s"]) for h in history if h.get("first_batch_s")]
+    if not waits:
+        return "-"
+    (epoch, first), rest = waits[0], [s for _, s in waits[1:]]
+    later = f", later epochs {min(rest):.1f}-{max(rest):.1f} s" if rest else ""
+    return f"{first:.1f} s (epoch {epoch}){later}"
+
+
 def summary_table(
     history: list[dict[str, Any]], best: dict | None, skipped: list[str], metric: str
 ) -> str:
@@ -339,6 +350,7 @@ def summary_table(
         ("final train loss", f"{last.get('train_loss', float('nan')):.4f}"),
         ("throughput", f"{last.get('images_per_s', 0):.0f} images/s"),
         ("data wait", f"{last.get('data_wait', 0):.0%} of step time"),
+        ("first batch", first_batches(history)),
         ("unreadable files skipped", str(len(skipped))),
     ]
     width = max(len(k) for k, _ in rows)

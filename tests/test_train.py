@@ -145,3 +145,18 @@ def test_a_weight_average_is_what_validation_scores_and_the_checkpoint_keeps(ray
     trained = _val_metrics(cfg, saved["trained"], saved["class_names"])["val_loss"]
     assert averaged == pytest.approx(recorded, rel=1e-4)
     assert abs(trained - recorded) > 1e-3 * recorded  # a different model, scored apart
+
+
+def test_the_summary_says_how_long_the_epochs_waited_for_their_first_batch():
+    from raycv.train import first_batches, summary_table
+
+    history = [
+        {"epoch": 3, "first_batch_s": 12.34, "val_acc": 0.5},  # resumed: epoch 3 came first
+        {"epoch": 4, "first_batch_s": 0.21, "val_acc": 0.6},
+        {"epoch": 5, "first_batch_s": 0.48, "val_acc": 0.7},
+    ]
+    assert first_batches(history) == "12.3 s (epoch 3), later epochs 0.2-0.5 s"
+    assert first_batches(history[:1]) == "12.3 s (epoch 3)"
+    assert first_batches([{"epoch": 1}]) == "-"  # a run recorded before the key existed
+    table = summary_table(history, history[-1], [], "val_acc")
+    assert "  first batch               12.3 s (epoch 3), later epochs 0.2-0.5 s" in table
