@@ -329,7 +329,8 @@ def first_batches(history: list[dict[str, Any]]) -> str:
     if not waits:
         return "-"
     (epoch, first), rest = waits[0], [s for _, s in waits[1:]]
-    later = f", later epochs {min(rest):.1f}-{max(rest):.1f} s" if rest else ""
+    spread = sorted({f"{min(rest):.1f}", f"{max(rest):.1f}"}, key=float) if rest else []
+    later = f", later epochs {'-'.join(spread)} s" if rest else ""
     return f"{first:.1f} s (epoch {epoch}){later}"
 
 

@@ -157,6 +157,7 @@ def test_the_summary_says_how_long_the_epochs_waited_for_their_first_batch():
     ]
     assert first_batches(history) == "12.3 s (epoch 3), later epochs 0.2-0.5 s"
     assert first_batches(history[:1]) == "12.3 s (epoch 3)"
+    assert first_batches(history[:2]) == "12.3 s (epoch 3), later epochs 0.2 s"
     assert first_batches([{"epoch": 1}]) == "-"  # a run recorded before the key existed
     table = summary_table(history, history[-1], [], "val_acc")
     assert "  first batch               12.3 s (epoch 3), later epochs 0.2-0.5 s" in table
