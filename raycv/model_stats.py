@@ -104,24 +104,8 @@ def latency_ms(
     """Median CPU wall time, in ms, of one eval-mode forward pass over ``batch`` images, with
     ``threads`` torch threads, run by ``runtime`` (see ``RUNTIMES``). The thread count and
     the model's mode are restored after."""
-    model = _on_cpu(model)
-    example = torch.zeros(batch, 3, image_size, image_size)
-    previous_threads, was_training = torch.get_num_threads(), model.training
-    torch.set_num_threads(threads)
-    model.eval()
-    times = []
-    try:
-        with torch.inference_mode(), RUNTIMES.get(runtime)(model) as run:
-            for _ in range(warmup):
-                run(example)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                run(example)
-                times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous_threads)
-        model.train(was_training)
-    return statistics.median(times) * 1000
+    timings = interleaved_latency_ms([model], image_size, batch, threads, repeats, warmup, runtime)
+    return timings[0].median
 
 
 @dataclass(frozen=True)
