@@ -150,6 +150,16 @@ class AugmentConfig(Section):
     saturation: float = Field(0.2, ge=0)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    mosaic: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="detection: share of training samples made of four images tiled 2 x 2, "
+        "boxes moved with them (0: off)",
+    )
+    mosaic_off_epochs: int = Field(
+        0, ge=0, description="the last epochs train without mosaic, on whole images"
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
@@ -601,6 +611,7 @@ class Config(Section):
             root = getattr(self.data, source).root
             _check_folder_root(root, f"data.{source}.root", f"a {source.upper()} dataset folder")
         _check_finetune(self)
+        _check_mosaic(self)
         from raycv import trackers
 
         trackers.check(self)  # each of run.loggers installed (an extra), with a store
@@ -785,6 +796,16 @@ def _check_distillation(cfg: Config) -> None:
                 f"{key}: task={cfg.task} has no distillation loss yet; leave {key} unset "
                 "(compress prunes and fine-tunes on the labels)"
             )
+
+
+def _check_mosaic(cfg: Config) -> None:
+    from raycv.tasks import TASKS
+
+    if cfg.augment.mosaic and cfg.task in TASKS and "boxes" not in TASKS.get(cfg.task).targets:
+        raise ValueError(
+            f"augment.mosaic tiles images with their boxes, and task={cfg.task} has none; "
+            "set augment.mosaic=0 (it is for task: detection)"
+        )
 
 
 def _check_finetune(cfg: Config) -> None:

@@ -1,15 +1,18 @@
 """The streams a training run reads: a source's cached images, read in each epoch's
-order (``data/order.py``) and augmented in Ray Data ``map_batches`` (train preset), or
-prepared for evaluation in a fixed order (eval preset)."""
+order (``data/order.py``), tiled into mosaics where configured (``data/mosaic.py``) and
+augmented in Ray Data ``map_batches`` (train preset), or prepared for evaluation in a fixed
+order (eval preset)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray.data
 
 from raycv.config import Config
 from raycv.data.augment import Preset, build_preset
+from raycv.data.mosaic import Mosaic
 from raycv.data.order import CHUNK, CachedRows, epoch_stream, stratified_sample
 from raycv.data.sources import SOURCES
 from raycv.errors import DataError
@@ -50,6 +53,8 @@ def build_streams(cfg: Config) -> Streams:
     prepare = build_preset(aug.eval_preset, aug, size, ignore_index=ignore, whole_frame=whole)
     rows = CachedRows.of(source.train)
     ordered, clock = epoch_stream(rows, cfg.seed)
+    if cfg.augment.mosaic:  # before the warp, in the same tasks (batch_size=None)
+        ordered = _mapped(ordered, Mosaic.of(cfg, clock), batch_size=None)
     return Streams(
         train=_mapped(ordered, augment, batch_size=None),
         clock=clock,
@@ -65,7 +70,7 @@ def build_streams(cfg: Config) -> Streams:
 
 
 def _mapped(
-    ds: ray.data.Dataset, preset: Preset, batch_size: int | None = AUGMENT_BATCH
+    ds: ray.data.Dataset, preset: Callable, batch_size: int | None = AUGMENT_BATCH
 ) -> ray.data.Dataset:
     """``batch_size=None`` after a gather (data/order.py): each block is one gathered chunk
     of ``CHUNK`` rows, and without a batch size Ray Data fuses the preset into the gather's
