@@ -158,6 +158,9 @@ def fit(
             failure_config=FailureConfig(max_failures=max_failures(cfg)),
             callbacks=[_RecordReports(recorder(cfg, run, trackers=started), progress), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
+            # Train's workers send print() through a logger that writes each line twice, once
+            # with a blank line after it: a progress bar's state must reach the driver once.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets={"train": streams.train, "val": streams.val},
     )

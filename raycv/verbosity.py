@@ -97,9 +97,7 @@ def ray_level() -> int:
 
 def worker_env() -> dict[str, str]:
     """Environment for Ray's worker processes (a runtime environment's ``env_vars``)."""
-    # Train's workers send print() through a logger that writes each line twice, once with a
-    # blank line after it: a progress bar's state (raycv.progress) must reach the driver once.
-    env = {ENV: os.environ.get(ENV, "info"), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {ENV: os.environ.get(ENV, "info")}
     if verbose():
         return env | {"RAY_DATA_LOG_LEVEL": "INFO"}
     # Ray Data's notices ("execution finished", "Progress bars disabled") and the deprecation

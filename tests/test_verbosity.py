@@ -87,6 +87,8 @@ def test_a_terminal_shows_a_bar_that_advances_within_the_epoch(quiet_env, tmp_pa
     assert re.search(r"epoch 1/1 train \| loss \d\.\d{4} \| \d+ img/s \| data wait \d+%", shown)
     assert re.search(r"epoch 1/1 val \| loss [^\r\n]* 25/25 steps", shown)  # 200 images / 8
     assert "epoch 1/1 | loss" in shown  # the controller's epoch line, above the bars
+    blank = re.findall(r"\(RayTrainWorker pid=\d+\)(?:\x1b\[0m)? \r?\n", shown)
+    assert not blank  # each bar state reached the driver once, as a bar, not as a log line
 
 
 @pytest.mark.slow
