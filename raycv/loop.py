@@ -323,7 +323,8 @@ def evaluate(model, task: Task, shard, cfg: Config, device, progress: EpochProgr
     for batch, waited in _timed(_batches(shard, cfg, device, train=False)):
         outputs, losses = _forward(model, task, batch, cfg, device)
         meter.process(batch, outputs, losses)
-        progress.step(len(batch["image"]) * world, waited, total(losses))
+        # A detector in eval mode returns boxes and no losses: its bar shows no loss.
+        progress.step(len(batch["image"]) * world, waited, total(losses) if losses else None)
     progress.close()
     scoring = time.perf_counter()
     meter.sync(device)

@@ -161,6 +161,12 @@ def test_progress_lines_count_steps_images_and_the_running_loss(caplog):
     assert lines[0].startswith("epoch 3/5 train | step 1/4 | loss 2.0000 | ")
     assert lines[1].startswith("epoch 3/5 train | step 2/4 | loss 1.5000 | ")  # the mean so far
     assert re.search(r"\| \d+ img/s \| data wait 0%$", lines[1])
+    unscored = EpochProgress("lines", "val", "3/5", total=2, every_s=0.0)  # a detector's eval
+    with caplog.at_level(logging.INFO, logger="raycv.progress"):
+        unscored.step(16, waited=0.0, loss=None)
+    assert re.fullmatch(
+        r"epoch 3/5 val \| step 1/2 \| \d+ img/s \| data wait 0%", caplog.records[-1].getMessage()
+    )
 
 
 def test_no_progress_for_sweep_trials_or_a_quiet_log_level(monkeypatch, caplog):
