@@ -265,6 +265,11 @@ class ScalingConfig(Section):
     def max_workers(self) -> int:
         return self.num_workers[1] if self.elastic else self.num_workers
 
+    @property
+    def max_cpus(self) -> float:
+        """The CPUs the workers reserve at their most (an elastic run's largest group)."""
+        return self.max_workers * self.cpus_per_worker
+
 
 class CheckpointConfig(Section):
     keep: int = Field(2, ge=1, description="latest checkpoints kept (the best is kept too)")

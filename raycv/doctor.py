@@ -182,8 +182,9 @@ def check_cores(scaling: ScalingConfig, nodes: list[Node], probes: dict[str, Nod
     warning = oversubscription(scaling, cores)
     if warning:
         return Finding("cores", "warn", warning)
-    wanted = scaling.max_workers * scaling.cpus_per_worker
-    return Finding("cores", "ok", f"the workers take {wanted:g} of {cores} physical cores")
+    return Finding(
+        "cores", "ok", f"the workers take {scaling.max_cpus:g} of {cores} physical cores"
+    )
 
 
 def _cores(node: Node, probes: dict[str, NodeProbe]) -> int:

@@ -56,6 +56,8 @@ class EpochProgress:
         return tqdm_ray.tqdm(desc=self.label, total=self.total, unit="step", flush_interval_s=0)
 
     def step(self, images: int, waited: float, loss: torch.Tensor | None = None) -> None:
+        if self.how == "off":  # every rank but 0, every step: nothing to count
+            return
         self.done += 1
         self.images += images
         self.waited += waited
@@ -63,7 +65,7 @@ class EpochProgress:
             loss = loss.detach().float()
             self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         now = time.perf_counter()
-        if self.how != "off" and now - self.shown >= self.every_s:
+        if now - self.shown >= self.every_s:
             self.shown = now
             self._show(now)
 

@@ -26,8 +26,7 @@ def local_cpus(cfg: Config) -> int:
     Ray Data tasks that decode and augment never get scheduled and training waits
     forever (seen with 2 workers on 2 cores). The extra logical CPUs oversubscribe the
     cores on purpose: augmentation runs while the workers wait on each other."""
-    workers = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker  # an elastic run: its most
-    return math.ceil(workers) + (os.cpu_count() or 1)
+    return math.ceil(cfg.scaling.max_cpus) + (os.cpu_count() or 1)
 
 
 def physical_cores() -> int:
@@ -43,7 +42,7 @@ def oversubscription(scaling: ScalingConfig, cores: int) -> str | None:
     """What is wrong when the training workers alone reserve more CPUs than there are
     ``cores``: Ray counts logical CPUs (a local Ray gets extra for Ray Data, on purpose),
     so such a run starts and then its workers' steps share the cores."""
-    wanted = scaling.max_workers * scaling.cpus_per_worker
+    wanted = scaling.max_cpus
     if wanted <= cores:
         return None
     return (

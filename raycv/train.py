@@ -332,9 +332,11 @@ def first_batches(history: list[dict[str, Any]]) -> str:
     if not waits:
         return "-"
     (epoch, first), rest = waits[0], [s for _, s in waits[1:]]
-    spread = sorted({f"{min(rest):.1f}", f"{max(rest):.1f}"}, key=float) if rest else []
-    later = f", later epochs {'-'.join(spread)} s" if rest else ""
-    return f"{first:.1f} s (epoch {epoch}){later}"
+    head = f"{first:.1f} s (epoch {epoch})"
+    if not rest:
+        return head
+    spread = sorted({f"{min(rest):.1f}", f"{max(rest):.1f}"}, key=float)
+    return f"{head}, later epochs {'-'.join(spread)} s"
 
 
 def summary_table(

@@ -116,7 +116,7 @@ def trial_bundles() -> tune.PlacementGroupFactory:
 def trial_resources(cfg: Config) -> dict[str, float]:
     s = cfg.scaling
     gpus = {"GPU": s.max_workers * s.gpus_per_worker} if s.use_gpu else {}
-    return {"CPU": s.max_workers * s.cpus_per_worker, **gpus}
+    return {"CPU": s.max_cpus, **gpus}
 
 
 def concurrency(cfg: Config) -> int:
