@@ -257,7 +257,7 @@ def prune_model(
     dense = MODELS.get(model_name).dense
     # A detector's eval forward ends in NMS, whose kept boxes depend on the scores: the graph
     # to follow is the dense output before it.
-    trace = (lambda m, x: getattr(m, dense)(x)) if dense else None
+    trace = dense.rows if dense else None
     model = PRUNERS.get(cfg.method).apply(model, cfg, example, protected, batches, trace)
     log.info(
         "pruned %s (%s, ratio %.2f): %d -> %d parameters, %d nonzero",

@@ -1,7 +1,8 @@
-"""A yolo detector exports: TorchScript and ONNX give PyTorch's boxes and class probabilities
-before NMS, the model card's own postprocess code turns the ONNX output into exactly the
-detections raycv's model makes, a channel-pruned yolo exports with its narrow layers, and a
-torchvision detector is refused in one line with nothing shipped."""
+"""One-stage detectors export: TorchScript and ONNX give PyTorch's boxes and class scores
+before NMS, the model card's own postprocess code turns them into exactly the detections the
+model makes (raycv's yolo, and torchvision's SSDlite, FCOS and RetinaNet), a channel-pruned
+yolo exports with its narrow layers, and a two-stage detector is refused in one line with
+nothing shipped."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from raycv.config import ConfigError, PruneConfig, from_dict
 from raycv.export import run_export
-from raycv.models import create_model
+from raycv.models import MODELS, create_model
 from raycv.pruning import prune_model
 from raycv.runs import RunFolder
 
@@ -25,35 +27,52 @@ SIZE, CLASSES = 64, 3
 METRICS = {"epoch": 2, "val_map": 0.31, "val_map50": 0.62}
 
 
-def det_config(root, name: str = "yolo_n") -> dict:
+def det_config(root, name: str = "yolo_n", size: int = SIZE) -> dict:
     return {
         "experiment": "det_export",
         "task": "detection",
-        "data": {"source": "shapes", "shapes": {"num_classes": CLASSES, "image_size": SIZE}},
-        "model": {"name": name, "image_size": SIZE},
+        "data": {"source": "shapes", "shapes": {"num_classes": CLASSES, "image_size": size}},
+        "model": {"name": name, "image_size": size},
         "run": {"storage": str(root)},
     }
 
 
-def saved_run(tmp_path, save_checkpoint, name: str = "yolo_n", prune: float = 0.0):
-    cfg = from_dict(det_config(tmp_path / "runs", name))
+def saved_run(
+    tmp_path,
+    save_checkpoint,
+    name: str = "yolo_n",
+    prune: float = 0.0,
+    size: int = SIZE,
+    whole_model_noise: bool = True,
+):
+    cfg = from_dict(det_config(tmp_path / "runs", name, size))
     torch.manual_seed(0)
-    model = create_model(name, CLASSES, image_size=SIZE)
+    model = create_model(name, CLASSES, image_size=size)
     if prune:
-        prune_model(model, name, PruneConfig(method="channel", ratio=prune), SIZE)
+        prune_model(model, name, PruneConfig(method="channel", ratio=prune), size)
+    # An untrained detector scores every anchor alike: no order to check. Noise on the head
+    # breaks the ties; SSDlite's untrained backbone saturates, so it needs noise throughout
+    # (which, in ResNet-50's depth, would grow past the export check's tolerance).
+    noisy = model if whole_model_noise else getattr(model, "head", nn.Identity())
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
     run = RunFolder(tmp_path / "runs" / "det_export" / "train-1")
     save_checkpoint(run.best, cfg, model.eval(), METRICS)
     return run, model
 
 
-def images(batch: int) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+def images(batch: int, size: int = SIZE) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3))
 
 
-def postprocess_from_card(card: dict, markdown: str, detections: np.ndarray, i: int) -> dict:
-    """Run the card's own postprocess code block on image ``i`` of the ONNX output."""
+def postprocess_from_card(
+    card: dict, markdown: str, detections: np.ndarray, i: int, **settings
+) -> dict:
+    """Run the card's own postprocess code block on image ``i`` of the ONNX output
+    (``settings`` replacing the card's)."""
     code = re.search(r"## Postprocess.*?```python\n(.*?)```", markdown, re.S).group(1)
-    scope = {**card["postprocess"], "detections": torch.from_numpy(detections), "i": i}
+    scope = {**card["postprocess"], **settings, "detections": torch.from_numpy(detections), "i": i}
     exec(code, scope)
     kept, anchor = scope["kept"], scope["anchor"]
     return {
@@ -96,10 +115,56 @@ def test_yolo_exports_and_the_cards_postprocess_gives_raycvs_detections(
             torch.testing.assert_close(got[key], expected[key])
 
 
-def test_a_torchvision_detector_is_refused_in_one_line_and_nothing_ships(tmp_path, save_checkpoint):
-    run, _ = saved_run(tmp_path, save_checkpoint, name="ssdlite320_mobilenet_v3_large")
+@pytest.mark.parametrize(
+    "name, size, whole_model_noise",
+    [
+        ("ssdlite320_mobilenet_v3_large", 64, True),
+        pytest.param("fcos_resnet50_fpn", 128, False, marks=pytest.mark.slow),
+        pytest.param("retinanet_resnet50_fpn_v2", 128, False, marks=pytest.mark.slow),
+    ],
+)
+def test_a_torchvision_one_stage_detector_exports_its_rows_and_the_card_makes_its_detections(
+    tmp_path, save_checkpoint, name, size, whole_model_noise
+):
+    run, model = saved_run(tmp_path, save_checkpoint, name, 0.0, size, whole_model_noise)
+    exported = run_export(run.best)
+    card = json.loads((exported.path / "model_card.json").read_text())
+    markdown = (exported.path / "model_card.md").read_text()
+    manifest = json.loads(exported.manifest.read_text())
+    assert manifest["status"] == "finished" and manifest["metrics"]["onnx_max_abs_diff"] < 1e-3
+    assert card["postprocess"]["nms_iou"] == model.nms_thresh
+    assert "superset" in card["postprocess"]["top_k"]
+
+    x = images(3, size)
+    session = ort.InferenceSession(str(exported.path / "model.onnx"))
+    dense = session.run(["detections"], {"image": x.numpy()})[0]
+    model.eval()
+    with torch.no_grad():
+        reference = MODELS.get(name).dense.rows(model, x)
+    assert dense.shape == (3, reference.shape[1], 4 + CLASSES)
+    assert card["checks"]["atol"] == pytest.approx(1e-5 * size + 1e-4)  # boxes are pixels
+    np.testing.assert_allclose(dense, reference.numpy(), atol=card["checks"]["atol"], rtol=1e-3)
+    # At a threshold that leaves about 40 (anchor, class) pairs, fewer than torchvision's
+    # top-k per class or level, the card's code on the rows makes torchvision's own
+    # detections: boxes in the input's pixels, class ids, scores.
+    scores = reference[..., 4:].flatten()
+    threshold = float(scores.kthvalue(len(scores) - 40).values)
+    model.score_thresh = threshold
+    with torch.no_grad():
+        found = model(list(x))
+    shift = int(MODELS.get(name).background_class)  # torchvision's SSD: background is 0
+    for i, expected in enumerate(found):
+        got = postprocess_from_card(card, markdown, reference.numpy(), i, score_threshold=threshold)
+        assert len(got["boxes"]) == len(expected["boxes"]) > 0
+        torch.testing.assert_close(got["boxes"], expected["boxes"], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got["scores"], expected["scores"])
+        torch.testing.assert_close(got["labels"] + shift, expected["labels"])
+
+
+def test_a_two_stage_detector_is_refused_in_one_line_and_nothing_ships(tmp_path, save_checkpoint):
+    run, _ = saved_run(tmp_path, save_checkpoint, name="fasterrcnn_mobilenet_v3_large_320_fpn")
     with pytest.raises(ConfigError) as err:
         run_export(run.best)
     message = str(err.value)
-    assert "\n" not in message and "yolo_n" in message
+    assert "\n" not in message and "yolo_n" in message and "ssdlite320" in message
     assert not list((tmp_path / "runs" / "det_export").glob("export-*"))  # refused first

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from raycv.models import detection_dense
 from raycv.models.registry import MODELS, ModelSpec
 
 UNNORMALISED = {"image_mean": [0.0, 0.0, 0.0], "image_std": [1.0, 1.0, 1.0]}
@@ -44,16 +45,22 @@ def _fixed_size(weights: str | None, image_size: int | None) -> dict[str, Any]:
 _BOX_PREDICTOR = ("roi_heads.box_predictor",)  # Faster R-CNN: class scores, per-class boxes
 _CLASS_LOGITS = ("head.classification_head.cls_logits",)  # RetinaNet, FCOS
 _SSD_CLASSES = ("head.classification_head",)  # SSD: one conv per feature map
-# name, background class 0, smallest input, options, heads. The smallest inputs keep the
-# coarsest feature map at least one cell (stride 32 or 64 with an extra FPN level).
-for _name, _background, _min_size, _options, _heads in (
-    ("fasterrcnn_mobilenet_v3_large_320_fpn", True, 64, _resized_at, _BOX_PREDICTOR),
-    ("fasterrcnn_mobilenet_v3_large_fpn", True, 64, _resized_at, _BOX_PREDICTOR),
-    ("fasterrcnn_resnet50_fpn_v2", True, 64, _resized_at, _BOX_PREDICTOR),
-    ("retinanet_resnet50_fpn_v2", False, 128, _resized_at, _CLASS_LOGITS),
-    ("fcos_resnet50_fpn", False, 128, _resized_at, _CLASS_LOGITS),
-    ("ssd300_vgg16", True, 32, _fixed_size, _SSD_CLASSES),
-    ("ssdlite320_mobilenet_v3_large", True, 32, _fixed_size, _SSD_CLASSES),
+_TWO_STAGE = (
+    "a two-stage detector: its second stage runs on the boxes its first stage's NMS keeps, "
+    "so it has no fixed-shape output to ship"
+)
+_SSD, _RETINANET, _FCOS = detection_dense.SSD, detection_dense.RETINANET, detection_dense.FCOS
+# name, background class 0, smallest input, options, heads, dense output (None: two-stage).
+# The smallest inputs keep the coarsest feature map at least one cell (stride 32 or 64 with
+# an extra FPN level).
+for _name, _background, _min_size, _options, _heads, _dense in (
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", True, 64, _resized_at, _BOX_PREDICTOR, None),
+    ("fasterrcnn_mobilenet_v3_large_fpn", True, 64, _resized_at, _BOX_PREDICTOR, None),
+    ("fasterrcnn_resnet50_fpn_v2", True, 64, _resized_at, _BOX_PREDICTOR, None),
+    ("retinanet_resnet50_fpn_v2", False, 128, _resized_at, _CLASS_LOGITS, _RETINANET),
+    ("fcos_resnet50_fpn", False, 128, _resized_at, _CLASS_LOGITS, _FCOS),
+    ("ssd300_vgg16", True, 32, _fixed_size, _SSD_CLASSES, _SSD),
+    ("ssdlite320_mobilenet_v3_large", True, 32, _fixed_size, _SSD_CLASSES, _SSD),
 ):
     MODELS.add(
         _name,
@@ -66,6 +73,8 @@ for _name, _background, _min_size, _options, _heads in (
             options=_options,
             build=torchvision_detector,
             background_class=_background,
+            dense=_dense,
+            no_export=None if _dense else _TWO_STAGE,
             channel_prunable=False,
             dynamic_sides=False,
             quantizable=False,

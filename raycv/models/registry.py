@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from raycv.registry import Registry
 
@@ -22,6 +22,19 @@ class Backbone:
     model: str | None  # the registered classifier it takes; None: the one named model.encoder
     source_prefix: str = ""  # "features." for MobileNet, whose classifier is a sibling
     target_prefix: str = "encoder."
+
+
+@dataclass(frozen=True)
+class DenseOutput:
+    """A detector's output before the score threshold and NMS, whose kept boxes depend on
+    the scores: one tensor for a batch, what ``raycv export`` ships and torch-pruning traces."""
+
+    # (model, images (B, 3, H, W)) -> (B, A, 4 + C): each row a box (x1, y1, x2, y2 in input
+    # pixels) then C class scores in [0, 1]
+    rows: Callable[[nn.Module, Tensor], Tensor]
+    # model -> the settings that turn rows into detections (score_threshold, pre_nms_top_k,
+    # nms_iou, max_detections, and a note where the model's own steps differ)
+    settings: Callable[[nn.Module], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -52,9 +65,8 @@ class ModelSpec:
     # Its heads come built for the class count (a detector's box coder, anchors per cell):
     # transfer learning keeps them as built instead of swapping each class-mapping layer.
     built_heads: bool = False
-    # A detector's method giving one tensor for a batch, before the score threshold and NMS:
-    # what ``raycv export`` ships and what torch-pruning traces. None: not exportable there.
-    dense: str | None = None
+    dense: DenseOutput | None = None  # a detector's; None: not traced
+    no_export: str | None = None  # why ``raycv export`` cannot ship it; None: it can
     prune_keep: tuple[str, ...] = ()  # layers besides ``heads`` whose outputs pruning keeps
     quantizable: bool = True  # int8 through torch.export of its evaluation forward
 
@@ -64,6 +76,20 @@ class ModelSpec:
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def export_refusal(name: str) -> str | None:
+    """Why ``raycv export`` refuses ``name``, in one line with the alternatives; None: it
+    exports."""
+    spec = MODELS.get(name)
+    if spec.no_export is None:
+        return None
+    alike = [n for n in MODELS.names() if MODELS.get(n).task == spec.task]
+    others = [n for n in alike if MODELS.get(n).no_export is None]
+    return (
+        f"raycv export does not support {name} ({spec.no_export}); {', '.join(others)} "
+        "export, and any run's model loads with raycv.artifacts.load_trained"
+    )
 
 
 def check_input_size(name: str, image_size: int, weights: str | None = None) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from raycv.models.registry import MODELS, Backbone, ModelSpec
+from raycv.models.registry import MODELS, Backbone, DenseOutput, ModelSpec
 from raycv.models.yolo_loss import detection_losses
 
 STRIDES = (8, 16, 32)
@@ -269,6 +269,16 @@ def feature_backbone(encoder: str, weights: str | None = None) -> tuple[nn.Modul
     return backbone, tuple(m.shape[1] for m in maps)
 
 
+def _postprocess(model: YOLO) -> dict[str, Any]:
+    return {
+        "score_threshold": model.score_threshold,
+        "pre_nms_top_k": model.pre_nms_top_k,
+        "nms": "per class, torchvision.ops.batched_nms",
+        "nms_iou": model.nms_iou,
+        "max_detections": model.max_detections,
+    }
+
+
 def build_yolo(
     spec: ModelSpec, num_classes: int, encoder: str | None, weights: str | None = None, **kwargs
 ) -> YOLO:
@@ -286,7 +296,7 @@ for _name, _width in WIDTHS.items():
             min_size=32,  # the stride-32 map is then one cell
             patch=32,
             kwargs=_width,
-            dense="dense",
+            dense=DenseOutput(YOLO.dense, _postprocess),
             prune_keep=tuple(f"head.box_out.{i}" for i in range(len(STRIDES))),
             dynamic_sides=False,
             quantizable=False,

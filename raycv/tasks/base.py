@@ -130,6 +130,7 @@ class ExportSpec:
     # How a decoded file becomes the input square, in words, where the eval preset's own
     # steps do not say it (a detector's letterbox); None: the preset's steps.
     fit: str | None = None
+    atol: float = 1e-4  # the check's absolute tolerance, in the output's units (export.py)
 
     @property
     def dynamic(self) -> dict[int, str]:
