@@ -12,7 +12,7 @@ import torch
 from raycv import plots
 from raycv.artifacts import Trained, load_trained
 from raycv.config import AugmentConfig, Config, dump_config, from_dict
-from raycv.data.augment import denormalize
+from raycv.data.augment import displayable, normalize
 from raycv.data.pipeline import Streams, build_streams
 from raycv.errors import DataError
 from raycv.runs import RunFolder, write_json, write_manifest
@@ -31,8 +31,8 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
     cfg = from_dict(trained.config.model_dump(mode="json"), overrides)
     streams = streams_for(trained, cfg)
     task = build_task(cfg, streams.class_names)
-    report = task.eval_report(cfg.augment)
-    feed(report, task, trained.model, streams.val, cfg.train.batch_size)
+    report = task.eval_report()
+    feed(report, task, trained.model, streams.val, cfg.train.batch_size, cfg.augment)
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "eval")
     run.config.write_text(dump_config(cfg))
     result = report.write(run.path)
@@ -50,13 +50,24 @@ def run_eval(checkpoint_path: str, overrides: list[str]) -> RunFolder:
 
 
 @torch.no_grad()
-def feed(report: EvalReport, task: Task, model: torch.nn.Module, dataset, batch_size: int) -> None:
-    """``report`` every prepared batch of ``dataset`` with ``model``'s outputs for it."""
+def feed(
+    report: EvalReport,
+    task: Task,
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int,
+    augment: AugmentConfig,
+) -> None:
+    """``report`` every prepared batch of ``dataset`` with ``model``'s outputs for it
+    (``augment``: the normalisation the model was trained with)."""
     model.eval()
     for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        # Ray may hand over read-only views of its object store; torch wants writable arrays.
-        images = torch.from_numpy(np.require(batch["image"], requirements=["W"]))
-        report.process(batch, task.forward(model, {"image": images}))
+        report.process(batch, task.forward(model, {"image": _model_input(batch, augment)}))
+
+
+def _model_input(batch: dict[str, np.ndarray], augment: AugmentConfig) -> torch.Tensor:
+    # Ray may hand over read-only views of its object store; torch wants writable arrays.
+    return normalize(torch.from_numpy(np.require(batch["image"], requirements=["W"])), augment)
 
 
 def streams_for(trained: Trained, cfg: Config) -> Streams:
@@ -111,27 +122,26 @@ def predictions(
     model: torch.nn.Module,
     dataset,
     batch_size: int,
+    augment: AugmentConfig,
     *,
-    augment: AugmentConfig | None = None,
     keep_mistakes: int = 0,
 ) -> Predictions:
-    """Run ``model`` over a stream of ``{"image": normalised float (N, 3, H, W), "label"}``
-    batches (``build_streams(cfg).val``) in one pass.
+    """Run ``model`` over a stream of ``{"image": uint8 (N, 3, H, W), "label"}`` batches
+    (``build_streams(cfg).val``) in one pass, normalised as ``augment`` says.
 
-    With ``augment`` (the config the stream was normalised with), display copies of the
-    ``keep_mistakes`` most confident wrong predictions are kept; only those, so memory stays
-    small on a large validation set."""
+    Display copies of the ``keep_mistakes`` most confident wrong predictions are kept; only
+    those, so memory stays small on a large validation set."""
     model.eval()
     labels, probs = [], []
     shown: dict[int, tuple[float, np.ndarray]] = {}
     offset = 0
     for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        p = torch.softmax(model(torch.from_numpy(batch["image"])).float(), dim=1).numpy()
+        p = torch.softmax(model(_model_input(batch, augment)).float(), dim=1).numpy()
         y = batch["label"].astype(np.int64)
         labels.append(y)
         probs.append(p)
-        if keep_mistakes and augment is not None:
-            _keep_confident_mistakes(shown, batch["image"], y, p, offset, keep_mistakes, augment)
+        if keep_mistakes:
+            _keep_confident_mistakes(shown, batch["image"], y, p, offset, keep_mistakes)
         offset += len(y)
     if not labels:
         return Predictions(np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
@@ -149,10 +159,9 @@ def _keep_confident_mistakes(
     probs: np.ndarray,
     offset: int,
     keep: int,
-    augment: AugmentConfig,
 ) -> None:
     """Update ``shown`` (row -> (score, display image)) to the ``keep`` most confident
-    mistakes seen so far, denormalising only the images that make the cut."""
+    mistakes seen so far, copying only the images that make the cut."""
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     candidates = {offset + int(i): float(probs[i, predicted[i]]) for i in wrong}
@@ -162,7 +171,7 @@ def _keep_confident_mistakes(
         key=lambda sr: (-sr[0], sr[1]),
     )[:keep]
     new = [row for _, row in ranked if row in candidates]
-    pictures = denormalize(images[[row - offset for row in new]], augment) if new else []
+    pictures = displayable(images[[row - offset for row in new]]) if new else []
     winners = {row for _, row in ranked}
     for row in [r for r in shown if r not in winners]:
         del shown[row]
@@ -187,8 +196,10 @@ def worst_mistakes(preds: Predictions, class_names: list[str], k: int) -> list[M
     ]
 
 
-def confusion(model: torch.nn.Module, dataset, num_classes: int, batch_size: int) -> np.ndarray:
-    return predictions(model, dataset, batch_size).confusion(num_classes)
+def confusion(
+    model: torch.nn.Module, dataset, num_classes: int, batch_size: int, augment: AugmentConfig
+) -> np.ndarray:
+    return predictions(model, dataset, batch_size, augment).confusion(num_classes)
 
 
 def run_preview(cfg: Config, count: int) -> RunFolder:
@@ -197,7 +208,7 @@ def run_preview(cfg: Config, count: int) -> RunFolder:
     # At random, every class in it where rows have one.
     sample = streams.train_sample(count, cfg.seed, augmented=True)
     batch = sample.take_batch(count, batch_format="numpy")
-    shown = build_task(cfg, streams.class_names).preview(batch, cfg.augment)
+    shown = build_task(cfg, streams.class_names).preview(batch)
     run = RunFolder.create(cfg.run.storage, cfg.experiment, "preview")
     run.config.write_text(dump_config(cfg))
     plots.image_grid(shown.images, shown.titles, run.plots / "preview.png", legend=shown.legend)

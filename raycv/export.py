@@ -404,7 +404,8 @@ def preprocessing(cfg: Config, fit: str | None = None) -> dict[str, Any]:
         "code": (
             f"raycv.data.images.{decode}(bytes, path, working_size), then "
             "raycv.data.augment.build_preset(cfg.augment.eval_preset, cfg.augment, "
-            f"input_size, whole_frame={whole})"
+            f"input_size, whole_frame={whole}) on the batch, then "
+            "raycv.data.augment.normalize(torch.from_numpy(batch['image']), cfg.augment)"
         ),
     }
 

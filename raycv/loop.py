@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from raycv import checkpoint, model_stats, verbosity
 from raycv.checkpoint import unwrap as model_of
 from raycv.config import Config
+from raycv.data.augment import normalize
 from raycv.distill import Teacher, load_teacher
 from raycv.errors import NonFiniteLossError
 from raycv.finetune.sources import load_source_weights
@@ -344,9 +345,9 @@ def _share_buffers(model) -> None:
 
 
 def _forward(model, task: Task, batch, cfg: Config, device, teacher: Teacher | None = None):
-    """(raw outputs, named loss parts); with a ``teacher``, its soft targets blend in."""
-    if cfg.train.channels_last:
-        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    """(raw outputs, named loss parts); with a ``teacher``, its soft targets blend in.
+    The stream's uint8 images become the model's normalised floats here, on ``device``."""
+    batch = {**batch, "image": normalize(batch["image"], cfg.augment, cfg.train.channels_last)}
     amp = AMP_DTYPES.get(cfg.train.precision)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         outputs = task.forward(model, batch)

@@ -42,7 +42,7 @@ import torch
 
 from raycv.artifacts import checkpoint_file, load_checkpoint, load_trained
 from raycv.config import Config, dump_config, from_dict
-from raycv.data.augment import build_preset
+from raycv.data.augment import build_preset, normalize
 from raycv.data.images import decode_batch
 from raycv.errors import DataError
 from raycv.runs import RunFolder, write_manifest
@@ -230,13 +230,15 @@ class _Predictor:
         trained = load_trained(checkpoint_path)
         self.model = trained.model.to(self.device)
         self.task = build_task(trained.config, trained.class_names)
+        self.augment = trained.config.augment
         self.writer = writer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray may hand over read-only views of its object store; torch needs a writable array.
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))
         with torch.inference_mode():
-            outputs = self.task.forward(self.model, {"image": images.to(self.device)})
+            image = normalize(images.to(self.device), self.augment)
+            outputs = self.task.forward(self.model, {"image": image})
             columns = self.writer.columns(outputs, batch["error"] != "")
         return {"path": batch["path"], "error": batch["error"], **columns}
 

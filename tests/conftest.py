@@ -133,7 +133,7 @@ def _briefly_trained(cfg: Config, optimizer: Callable, steps: int = 4) -> nn.Mod
     import torch.nn.functional as F
 
     from raycv.data import shapes
-    from raycv.data.augment import build_preset
+    from raycv.data.augment import build_preset, normalize
     from raycv.models import create_model
 
     torch.manual_seed(0)
@@ -152,7 +152,8 @@ def _briefly_trained(cfg: Config, optimizer: Callable, steps: int = 4) -> nn.Mod
         for i in range(16 * steps)
     ]
     preset = build_preset(cfg.augment.eval_preset, cfg.augment, cfg.model.image_size)
-    images = torch.from_numpy(preset({"image": np.stack([x["image"] for x in samples])})["image"])
+    pixels = preset({"image": np.stack([x["image"] for x in samples])})["image"]
+    images = normalize(torch.from_numpy(pixels), cfg.augment)
     labels = torch.tensor([x["label"] for x in samples])
     opt = optimizer(model.parameters())
     model.train()

@@ -17,6 +17,7 @@ from raycv import model_stats
 from raycv.artifacts import checkpoint_file, load_trained, read_manifest
 from raycv.cli import main
 from raycv.config import ConfigError, PruneConfig, from_dict
+from raycv.data.augment import normalize
 from raycv.distill import Teacher
 from raycv.loop import _forward
 from raycv.models import create_model
@@ -83,13 +84,14 @@ def test_the_loop_trains_on_the_blended_loss(smoke):
     torch.manual_seed(0)
     student, teacher_model = create_model("resnet18", 4, None, 32), create_model("resnet18", 4)
     teacher = Teacher(teacher_model, temperature=4.0, weight=0.7)
-    batch = {"image": torch.randn(6, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3, 0, 1])}
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)  # as a stream has them
+    batch = {"image": images, "label": torch.tensor([0, 1, 2, 3, 0, 1])}
     task = build_task(cfg, ["a", "b", "c", "d"])
     outputs, parts = _forward(student, task, batch, cfg, torch.device("cpu"))
     plain = total(parts)
     blended = total(_forward(student, task, batch, cfg, torch.device("cpu"), teacher)[1])
     with torch.no_grad():
-        soft = soft_target_loss(outputs, teacher_model(batch["image"]), 4.0)
+        soft = soft_target_loss(outputs, teacher_model(normalize(images, cfg.augment)), 4.0)
     assert blended.item() == pytest.approx(0.3 * plain.item() + 0.7 * soft.item(), rel=1e-5)
     blended.backward()
     assert student.fc.weight.grad is not None
@@ -213,7 +215,8 @@ def test_final_model_reloads_with_the_measured_accuracy(compressed, ray_local):
     assert manifest["metrics"]["best"]["val_acc"] == rows[5]["score"]
     streams = build_streams(final.config)
     task = build_task(final.config, final.class_names)
-    measurer = Measurer(streams.val, task, 32, LatencyConfig(), 32, compressed)
+    augment = final.config.augment
+    measurer = Measurer(streams.val, task, 32, LatencyConfig(), 32, compressed, augment)
     assert measurer.score(final.model) == pytest.approx(rows[5]["score"])
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -89,8 +89,7 @@ def test_the_preview_outlines_each_box_in_its_class_colour_and_crowd_apart():
     from raycv.overlays import IGNORE_COLOUR, box_colours
 
     _, task = det_task()
-    plain = AugmentConfig(mean=(0, 0, 0), std=(1, 1, 1))
-    image = np.full((1, 3, 32, 32), 0.5, np.float32)
+    image = np.full((1, 3, 32, 32), 128, np.uint8)  # as a stream carries it
     boxes = np.zeros((1, 3, 4), np.float32)
     boxes[0, :2] = [[2, 2, 12, 12], [16, 16, 30, 30]]
     batch = {
@@ -99,7 +98,7 @@ def test_the_preview_outlines_each_box_in_its_class_colour_and_crowd_apart():
         "labels": np.array([[2, 0, -1]]),
         "crowd": np.array([[False, True, False]]),
     }
-    shown = task.preview(batch, plain)
+    shown = task.preview(batch)
     assert shown.titles == ["1 triangle, 1 circle"]
     drawn = shown.images[0]
     assert tuple(drawn[2, 6]) == tuple(box_colours()[2])  # the top edge of the triangle's box
@@ -148,7 +147,7 @@ def test_the_classic_preset_moves_boxes_with_their_shapes_and_keeps_the_padding(
     # The same draws move the main shape's mask: its box must match a moved box.
     masks = np.stack([m[0] for m in batch["masks"]])[..., None].repeat(3, axis=-1) * 255
     preset.seed = 5
-    moved = preset({"image": masks.astype(np.uint8)})["image"][:, 0] > 0
+    moved = preset({"image": masks.astype(np.uint8)})["image"][:, 0] > 127
     for i in range(6):
         kept = out["labels"][i] >= 0
         assert (out["labels"][i][~kept] == -1).all()  # padding stays at the end

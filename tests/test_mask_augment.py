@@ -13,7 +13,7 @@ from raycv.data import shapes
 from raycv.data.augment import CHUNK_PIXELS, build_preset
 
 RANDOM_PRESETS = ["classic", "classic_v2"]
-# Jitter off and no normalisation: an output pixel is the warped input pixel / 255.
+# Jitter off: an output pixel is the warped input pixel, rounded to uint8.
 PLAIN = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "mean": (0, 0, 0), "std": (1, 1, 1)}
 # Rotation and crops at full strength, so that alignment is checked on real warps.
 STRONG = {**PLAIN, "rotation": 45.0, "scale": (0.2, 1.0)}
@@ -52,7 +52,7 @@ def agreement(out: dict) -> float:
     """Share of labelled output pixels where the mask's foreground is where the image path put
     the indicator's (``out`` from a batch whose image is ``indicator`` of its mask)."""
     labelled = out["mask"] != 255
-    drawn = out["image"][:, 0] > 0.5
+    drawn = out["image"][:, 0] > 127
     return float(((out["mask"] > 0) == drawn)[labelled].mean())
 
 
@@ -81,7 +81,7 @@ def test_mask_moves_with_its_image(name):
     assert out["mask"].shape == (16, 80, 80) and out["mask"].dtype == np.uint8
     labelled = out["mask"] != 255
     inside = labelled & ~edge_band(out["mask"])
-    drawn = out["image"][:, 0] > 0.5
+    drawn = out["image"][:, 0] > 127
     assert ((out["mask"] > 0) == drawn)[inside].mean() > 0.99
     assert agreement(out) > ALIGNED[name]  # edges included: the 1-px band is 5% of pixels
     # and the draws are real: the shapes moved, and some corners were rotated in
@@ -96,7 +96,7 @@ def test_mask_of_a_real_image_labels_the_shape_colour():
     # calls background do not (class edges left out: there the image blends both).
     images, masks = shape_samples(8, 96)
     out = augmented("classic", {"image": images, "mask": masks}, 80)
-    pixels = out["image"].transpose(0, 2, 3, 1) * 255
+    pixels = out["image"].transpose(0, 2, 3, 1).astype(np.float32)
     inside = ~edge_band(out["mask"])
     for image, mask, core, before, mask_before in zip(pixels, out["mask"], inside, images, masks):
         colour = np.median(before[mask_before > 0], axis=0)
@@ -131,7 +131,7 @@ def test_pixels_from_outside_the_image_get_ignore_index(name, ignore_index):
     assert set(np.unique(out["mask"])) == {3, ignore_index}
     assert outside.mean() > 0.05
     assert outside[:, 0, 0].sum() >= 8  # most corners (rotations beyond a few degrees)
-    assert (outside == (out["image"][:, 0] < 0.5)).mean() > 0.99
+    assert (outside == (out["image"][:, 0] < 128)).mean() > 0.99
 
 
 def test_existing_ignore_pixels_stay_ignored_and_ids_never_blend():
@@ -221,8 +221,8 @@ def test_eval_whole_frame_resizes_the_mask_nearest():
     source = np.floor((np.arange(48) + 0.5) * 64 / 48).astype(int)
     np.testing.assert_array_equal(out["mask"], masks[:, source][:, :, source])
     pixels = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
-    expected = TF.resize(pixels, [48, 48], antialias=True).float() / 255
-    np.testing.assert_allclose(out["image"], expected.numpy(), atol=1e-6)
+    expected = TF.resize(pixels, [48, 48], antialias=True)
+    np.testing.assert_array_equal(out["image"], expected.numpy())
     # Squeezed photos stay squeezed: the aspect changes nothing.
     squeezed = preset({**batch, "aspect": np.array([0.5, 1.0, 2.0])})
     np.testing.assert_array_equal(squeezed["mask"], out["mask"])

@@ -20,7 +20,7 @@ from PIL import Image
 from raycv.artifacts import load_trained
 from raycv.config import from_dict
 from raycv.data import shapes
-from raycv.data.augment import build_preset
+from raycv.data.augment import build_preset, normalize
 from raycv.data.images import decode
 from raycv.errors import DataError
 from raycv.predict import run_predict
@@ -102,7 +102,8 @@ def test_classes_are_the_models_argmax_on_the_same_pixels(predicted):
     paths = [str(p) for p in predicted["files"]["good"]]
     pixels = np.stack([decode(Path(p).read_bytes(), p, cfg.working_size) for p in paths])
     with torch.no_grad():
-        probs = model(torch.from_numpy(preset({"image": pixels})["image"])).softmax(dim=1)
+        images = normalize(torch.from_numpy(preset({"image": pixels})["image"]), cfg.augment)
+        probs = model(images).softmax(dim=1)
 
     table = pq.read_table(predicted["run"].path / "predictions.parquet").to_pandas()
     rows = table.set_index("path").loc[paths]

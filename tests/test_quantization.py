@@ -21,7 +21,7 @@ from torch import nn
 
 from raycv.config import Config, from_dict
 from raycv.data import shapes
-from raycv.data.augment import build_preset
+from raycv.data.augment import build_preset, normalize
 from raycv.quantization import QUANTIZERS, load_quantized, quantize, save_quantized
 
 Q = torch.ops.quantized_decomposed
@@ -43,7 +43,7 @@ def rendered(cfg: Config, start: int, stop: int) -> torch.Tensor:
         classes=s.classes,
     )["image"]
     preset = build_preset(cfg.augment.eval_preset, cfg.augment, cfg.model.image_size)
-    return torch.from_numpy(preset({"image": np.stack(images)})["image"])
+    return normalize(torch.from_numpy(preset({"image": np.stack(images)})["image"]), cfg.augment)
 
 
 def logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -303,7 +303,8 @@ def test_evaluation_of_the_final_model(pipeline, evaluation, ray_local):
     trained = load_trained(pipeline["root"] / "compress")
     assert sum(p.numel() for p in trained.model.parameters()) == pipeline["pruned_stats"].params
     val = build_streams(trained.config).val
-    np.testing.assert_array_equal(confusion(trained.model, val, len(CLASSES), 32), ev.matrix)
+    matrix = confusion(trained.model, val, len(CLASSES), 32, trained.config.augment)
+    np.testing.assert_array_equal(matrix, ev.matrix)
 
 
 def test_worst_mistakes_ranks_wrong_predictions_by_confidence():

@@ -23,7 +23,7 @@ from torch import nn
 from raycv import checkpoint
 from raycv.config import Config, from_dict
 from raycv.data import shapes
-from raycv.data.augment import build_preset
+from raycv.data.augment import build_preset, normalize
 from raycv.data.images import decode_whole
 from raycv.models import create_model
 from raycv.overlays import mask_png, palette
@@ -77,7 +77,8 @@ def briefly_trained(cfg: Config, steps: int = 6) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for x, y in zip(
-        torch.from_numpy(batch["image"]).split(8), torch.from_numpy(batch["mask"]).split(8)
+        normalize(torch.from_numpy(batch["image"]), cfg.augment).split(8),
+        torch.from_numpy(batch["mask"]).split(8),
     ):
         opt.zero_grad()
         F.cross_entropy(model(x), y.long()).backward()
@@ -118,6 +119,7 @@ def per_image_and_total(cfg: Config, model: nn.Module) -> tuple[list[float], dic
     with torch.no_grad():
         for b in streams.val.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
             batch = {key: torch.from_numpy(b[key].copy()) for key in ("image", "mask")}
+            batch["image"] = normalize(batch["image"], cfg.augment)
             outputs = task.forward(model, batch)
             meter.process(batch, outputs, task.loss(outputs, batch))
             for i in range(len(b["mask"])):
@@ -170,7 +172,7 @@ def test_preview_tints_each_class_and_the_ignored_pixels(tmp_path):
     mask = np.zeros((1, 4, 4), np.uint8)
     mask[0, 0, :2], mask[0, 1, :] = 1, cfg.data.ignore_index  # circle; ignored
     batch = build_preset("eval", cfg.augment, 4, whole_frame=True)({"image": grey, "mask": mask})
-    shown = build_task(cfg, CLASSES).preview(batch, cfg.augment)
+    shown = build_task(cfg, CLASSES).preview(batch)
 
     image = shown.images[0].astype(int)
     assert shown.titles == ["circle"]
@@ -230,7 +232,8 @@ def models_argmax(cfg: Config, model: nn.Module, path: Path) -> tuple[np.ndarray
     pixels, _ = decode_whole(path.read_bytes(), str(path), cfg.working_size)
     preset = build_preset("eval", cfg.augment, SIZE, whole_frame=True)
     with torch.no_grad():
-        logits = model(torch.from_numpy(preset({"image": pixels[None]})["image"]))[0]
+        image = torch.from_numpy(preset({"image": pixels[None]})["image"])
+        logits = model(normalize(image, cfg.augment))[0]
     top = logits.topk(2, dim=0).values
     return logits.argmax(dim=0).numpy().astype(np.uint8), (top[0] - top[1] > 1e-4).numpy()
 

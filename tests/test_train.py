@@ -127,7 +127,7 @@ def _val_metrics(cfg, weights: dict, class_names: list[str]) -> dict[str, float]
     meter = task.evaluator()
     with torch.no_grad():
         for b in build_streams(cfg).val.iter_batches(batch_size=16, batch_format="numpy"):
-            batch = tensors(b)
+            batch = tensors(b, cfg.augment)
             outputs = task.forward(model.eval(), batch)
             meter.process(batch, outputs, task.loss(outputs, batch))
     return meter.evaluate("val")

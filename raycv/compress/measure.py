@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from raycv import model_stats
-from raycv.config import LatencyConfig
+from raycv.config import AugmentConfig, LatencyConfig
+from raycv.data.augment import normalize
 from raycv.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class Measurer:
         latency: LatencyConfig,
         batch_size: int,
         run_dir: Path,
+        augment: AugmentConfig,
     ) -> None:
         self.val = val.materialize()  # prepared once, read by every variant
+        self.augment = augment  # the normalisation the models were trained with
         self.task = task
         self.image_size = image_size
         self.latency = latency
@@ -138,17 +141,19 @@ class Measurer:
         model.eval()
         meter = self.task.evaluator()
         for b in self.val.iter_batches(batch_size=self.batch_size, batch_format="numpy"):
-            batch = tensors(b)
+            batch = tensors(b, self.augment)
             outputs = self.task.forward(model, batch)
             meter.process(batch, outputs, self.task.loss(outputs, batch))
         return meter.evaluate("val")[self.task.primary.name]
 
 
-def tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """A Ray Data NumPy batch as the tensors a task reads (numeric columns only)."""
+def tensors(batch: dict[str, np.ndarray], augment: AugmentConfig) -> dict[str, torch.Tensor]:
+    """A Ray Data NumPy batch as the tensors a task reads (numeric columns only), its
+    uint8 images normalised as ``augment`` says."""
     # Ray Data hands out read-only arrays, which torch warns about: copy only those.
     numeric = {k: v for k, v in batch.items() if v.dtype.kind in "biuf"}
-    return {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in numeric.items()}
+    out = {k: torch.from_numpy(np.require(v, requirements="W")) for k, v in numeric.items()}
+    return out | {"image": normalize(out["image"], augment)}
 
 
 def _state_dict_bytes(model: nn.Module) -> int:

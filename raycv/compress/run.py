@@ -176,6 +176,7 @@ def _start(cfg: Config, run: RunFolder, original: Trained, streams: Streams, loc
         cfg.compress.latency,
         cfg.train.batch_size,
         run.path,
+        cfg.augment,
     )
     current = Current(original.model, original.checkpoint, original.config)
     job = Compression(cfg, run, original.class_names, streams, task, measurer, current, local)
@@ -342,7 +343,7 @@ def _augmented_batches(job: Compression):
     for b in job.streams.train.iter_batches(
         batch_size=job.cfg.train.batch_size, batch_format="numpy", drop_last=True
     ):
-        yield tensors(b)
+        yield tensors(b, job.cfg.augment)
 
 
 def _training_batches(job: Compression) -> list[dict[str, torch.Tensor]]:
@@ -352,7 +353,8 @@ def _training_batches(job: Compression) -> list[dict[str, torch.Tensor]]:
     n = job.cfg.compress.calibration_images
     stream = job.streams.train_sample(n, job.cfg.seed)
     return [
-        tensors(b) for b in stream.iter_batches(batch_size=CALIBRATION_BATCH, batch_format="numpy")
+        tensors(b, job.cfg.augment)
+        for b in stream.iter_batches(batch_size=CALIBRATION_BATCH, batch_format="numpy")
     ]
 
 

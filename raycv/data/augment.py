@@ -2,7 +2,9 @@
 
 Images arrive already decoded and resized once to the working size (cached), as
 ``{"image": uint8 (N, H, W, 3), "label": int64 (N,), ...}``.  A preset replaces "image" with
-normalised ``float32 (N, 3, S, S)`` and passes every other key through untouched.  An
+the augmented ``uint8 (N, 3, S, S)`` and passes every other key through untouched: the
+stream carries a quarter of float32's bytes, and the training worker converts to float and
+normalises on its own device (``normalize``, called by every consumer of a stream).  An
 optional ``"aspect"`` column (float (N,), width / height) says that each image is a whole
 photo squeezed into the square (data/images.py ``decode_whole``): crops, rotation and the
 centre crop are then drawn in the photo's own proportions, as if on the file itself.
@@ -22,10 +24,11 @@ Presets (registered in ``AUGMENTATIONS``):
 * ``eval``: deterministic resize + centre crop, applied to the whole batch at once; with
   ``whole_frame=True`` the whole image resized to S x S instead (segmentation scores every pixel).
 
-Each preset also exposes ``transform(images, rng, aspect)`` on a uint8 NCHW tensor, and
-``transform_pair(images, masks, rng, aspect)`` for images with their masks; for ``classic`` and
-``eval`` they run on whatever device the tensors live on, so the same code can augment on a
-GPU.  ``__call__`` feeds them cache-sized chunks of the batch (``CHUNK_PIXELS``).
+Each preset also exposes ``transform(images, rng, aspect)`` on a uint8 NCHW tensor, giving
+float pixels in [0, 1], and ``transform_pair(images, masks, rng, aspect)`` for images with
+their masks; for ``classic`` and ``eval`` they run on whatever device the tensors live on, so
+the same code can augment on a GPU.  ``__call__`` feeds them cache-sized chunks of the batch
+(``CHUNK_PIXELS``) and rounds their pixels back to uint8.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class Preset:
         images = _images_nchw(batch["image"])
         masks = _masks_nhw(batch["mask"], images) if "mask" in batch else None
         n, size = len(images), self.image_size
-        out = {"image": np.empty((n, 3, size, size), dtype=np.float32)}
+        out = {"image": np.empty((n, 3, size, size), dtype=np.uint8)}
         if masks is not None:
             out["mask"] = np.empty((n, size, size), dtype=np.uint8)
         rng = np.random.default_rng(self.seed)  # one stream for the batch: chunks differ
@@ -110,8 +113,9 @@ class Preset:
                 rng,
                 None if aspect is None else aspect[part],
             )
-            for key, values in zip(out, chunk):  # "image", then "mask" when there is one
-                out[key][part] = values.numpy()
+            out["image"][part] = _to_uint8(chunk[0])
+            if masks is not None:
+                out["mask"][part] = chunk[1].numpy()
         return {**batch, **out}
 
     def _call_with_boxes(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,7 +125,7 @@ class Preset:
         images = _images_nchw(batch["image"])
         n, size, k = len(images), self.image_size, batch["labels"].shape[1]
         out = {
-            "image": np.empty((n, 3, size, size), dtype=np.float32),
+            "image": np.empty((n, 3, size, size), dtype=np.uint8),
             "boxes": np.zeros((n, k, 4), dtype=np.float32),
             "labels": np.full((n, k), -1, dtype=np.int64),
         }
@@ -137,7 +141,7 @@ class Preset:
             pixels, moved = self.transform_boxes(
                 images[part], boxes, rng, None if aspect is None else aspect[part]
             )
-            out["image"][part] = pixels.numpy()
+            out["image"][part] = _to_uint8(pixels)
             for i, (r, (kept, stayed)) in enumerate(zip(real, moved), start):
                 out["boxes"][i, : len(kept)] = kept
                 for column in ("labels", *extras):
@@ -158,7 +162,7 @@ class Preset:
     def transform(
         self, images: torch.Tensor, rng: np.random.Generator, aspect: np.ndarray | None = None
     ) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> normalised float32 (N, 3, S, S), drawing from ``rng``;
+        """uint8 (N, 3, H, W) -> float32 (N, 3, S, S) pixels in [0, 1], drawing from ``rng``;
         ``aspect``: each image's width / height before it was squeezed into H x W."""
         return self.transform_pair(images, None, rng, aspect)[0]
 
@@ -192,12 +196,25 @@ def build_preset(
     return preset(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
 
 
-def denormalize(images: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
-    """Normalised float (N, 3, S, S) -> uint8 (N, S, S, 3), for preview grids."""
-    mean = np.asarray(cfg.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(cfg.std, dtype=np.float32).reshape(1, 3, 1, 1)
-    pixels = np.clip(images * std + mean, 0.0, 1.0) * 255.0
-    return np.rint(pixels).astype(np.uint8).transpose(0, 2, 3, 1)
+def normalize(
+    images: torch.Tensor, cfg: AugmentConfig, channels_last: bool = False
+) -> torch.Tensor:
+    """A stream's uint8 (N, 3, S, S) images (or a preset's float pixels in [0, 1]) -> the
+    model's input, float32 normalised with ``cfg.mean`` and ``cfg.std``, on their device."""
+    out = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+    mean = out.new_tensor(cfg.mean).view(1, 3, 1, 1)
+    std = out.new_tensor(cfg.std).view(1, 3, 1, 1)
+    out = out.sub_(mean).div_(std)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def displayable(images: np.ndarray) -> np.ndarray:
+    """A stream's uint8 (N, 3, S, S) images -> uint8 (N, S, S, 3), for pictures."""
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    return pixels.mul(255).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 # ---------------------------------------------------------------- classic: one fused warp
@@ -263,8 +280,7 @@ class ClassicPreset(Preset):
         self, images: torch.Tensor, grid: torch.Tensor, rng: np.random.Generator
     ) -> torch.Tensor:
         out = _warp(images, grid).mul_(1 / 255)  # scaled after the warp: S*S pixels, not H*W
-        out = color_jitter(out, _draw_jitter(rng, self.cfg, len(images)))
-        return _normalize(out, self.cfg)
+        return color_jitter(out, _draw_jitter(rng, self.cfg, len(images)))
 
 
 def true_sides(
@@ -433,12 +449,6 @@ def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
     return images.mul_(factor).add_(other * (1 - factor)).clamp_(0, 1)
 
 
-def _normalize(images: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    mean = images.new_tensor(cfg.mean).view(1, 3, 1, 1)
-    std = images.new_tensor(cfg.std).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
-
-
 # ---------------------------------------------------------------- reference and eval presets
 
 
@@ -469,7 +479,6 @@ class ClassicV2Preset(Preset):
                 v2.RandomResizedCrop(image_size, cfg.scale, cfg.ratio, antialias=True),
                 v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation),
                 v2.ToDtype(torch.float32, scale=True),  # images only: masks stay uint8
-                v2.Normalize(cfg.mean, cfg.std),
             ]
         )
 
@@ -534,7 +543,6 @@ class EvalPreset(Preset):
             [
                 v2.CenterCrop(image_size),
                 v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(cfg.mean, cfg.std),
             ]
         )
 
@@ -575,7 +583,7 @@ class EvalPreset(Preset):
             return self._whole(images, None)[0], scaled
         theta = self._letterbox(*true_sides(aspect, n, height, width))
         grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
-        out = _normalize(_warp(images, grid).mul_(1 / 255), self.cfg)
+        out = _warp(images, grid).mul_(1 / 255)
         moved = [warp_boxes(b, t, height, width, self.image_size, 0) for b, t in zip(boxes, theta)]
         return out, moved
 
@@ -613,7 +621,7 @@ class EvalPreset(Preset):
         still = np.zeros(n)
         theta = affine_matrices(still > 0, still > 0, still, boxes, heights, widths)
         grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
-        out = _normalize(_warp(images, grid).mul_(1 / 255), self.cfg)
+        out = _warp(images, grid).mul_(1 / 255)
         return out, None if masks is None else warp_masks(masks, grid, self.ignore_index)
 
 

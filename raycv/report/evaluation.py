@@ -65,8 +65,8 @@ def evaluate_final(pipeline_dir: str | Path, mistakes: int = MISTAKES) -> Evalua
     streams = streams_for(trained, cfg)
     task = build_task(cfg, streams.class_names)
     if "label" not in task.targets:
-        report = task.eval_report(cfg.augment)
-        feed(report, task, trained.model, streams.val, cfg.train.batch_size)
+        report = task.eval_report()
+        feed(report, task, trained.model, streams.val, cfg.train.batch_size, cfg.augment)
         folder = pipeline_dir / "report" / "final_eval"
         folder.mkdir(parents=True, exist_ok=True)
         result = report.write(folder)
@@ -75,7 +75,7 @@ def evaluate_final(pipeline_dir: str | Path, mistakes: int = MISTAKES) -> Evalua
         trained.model,
         streams.val,
         cfg.train.batch_size,
-        augment=cfg.augment,
+        cfg.augment,
         keep_mistakes=mistakes,
     )
     return Evaluation(

@@ -4,9 +4,11 @@ Each stage (the training loop, evaluation, prediction, export, compression, dist
 sweeps, reports) asks the task, never ``if task == ...``: adding a task is one module here,
 its models' registry entries (raycv/models/) and a data source that yields its columns.
 
-A batch is a dict of tensors as Ray Data hands it over: ``image`` (normalised float
-(N, 3, S, S)) and the task's ``targets`` columns. A model's raw output goes to the task,
-which knows its shape (logits, a dict of maps, Inception's named tuple)."""
+A batch is a dict of tensors as Ray Data hands it over, ``image`` uint8 (N, 3, S, S) and the
+task's ``targets`` columns, with ``image`` made the model's normalised float input on the
+worker's device (``raycv.data.augment.normalize``) before it reaches ``forward``. A model's
+raw output goes to the task, which knows its shape (logits, a dict of maps, Inception's named
+tuple)."""
 
 from __future__ import annotations
 
@@ -24,8 +26,6 @@ from raycv.registry import Registry
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from raycv.config import AugmentConfig
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class EvalReport(Protocol):
     """``raycv eval``'s one pass over the validation split, in the driver."""
 
     def process(self, batch: dict[str, np.ndarray], outputs: Any) -> None:
-        """A prepared NumPy batch (``image`` and the ``targets``) and the model's outputs for
+        """A prepared NumPy batch (uint8 ``image`` and the ``targets``) and the model's outputs for
         it in evaluation mode (``Task.forward``: logits, or detections)."""
 
     def write(self, folder: Path) -> EvalResult:
@@ -175,8 +175,8 @@ class Task(Protocol):
     ) -> torch.Tensor:
         """Soft-target loss between two ``logits`` outputs."""
 
-    def eval_report(self, augment: AugmentConfig) -> EvalReport:
-        """``raycv eval``'s metrics and pictures (``augment``: how images were normalised)."""
+    def eval_report(self) -> EvalReport:
+        """``raycv eval``'s metrics and pictures."""
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> PredictionWriter:
         """``raycv predict``'s outputs for ``files``, written into the run ``folder``."""
@@ -191,7 +191,7 @@ class Task(Protocol):
     def exportable(self, model: nn.Module) -> nn.Module:
         """``model`` as ``raycv export`` ships it: one tensor out (``export_spec``)."""
 
-    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+    def preview(self, batch: dict[str, np.ndarray]) -> Preview:
         """A prepared NumPy batch drawn for people, targets on the images."""
 
 

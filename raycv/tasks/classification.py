@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycv.config import AugmentConfig
-from raycv.data.augment import denormalize
+from raycv.data.augment import displayable
 from raycv.tasks.base import (
     TASKS,
     EvalResult,
@@ -147,7 +146,7 @@ class TopKWriter:
 
 @TASKS.register("classification")
 class Classification:
-    """Batches are ``{"image": float (N, 3, H, W), "label": int64 (N,)}``."""
+    """Batches are ``{"image": (N, 3, H, W), "label": int64 (N,)}``."""
 
     targets: ClassVar[tuple[str, ...]] = ("label",)
     primary: ClassVar[Metric] = Metric("val_acc", "max")
@@ -185,7 +184,7 @@ class Classification:
     ) -> torch.Tensor:
         return soft_target_loss(student, teacher, temperature)
 
-    def eval_report(self, augment: AugmentConfig) -> AccuracyReport:
+    def eval_report(self) -> AccuracyReport:
         return AccuracyReport(self)
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> TopKWriter:
@@ -207,6 +206,6 @@ class Classification:
     def exportable(self, model: nn.Module) -> Logits:
         return Logits(model, self)
 
-    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+    def preview(self, batch: dict[str, np.ndarray]) -> Preview:
         titles = [self.class_names[i] for i in batch["label"]]
-        return Preview(denormalize(batch["image"], augment), titles)
+        return Preview(displayable(batch["image"]), titles)

@@ -1,6 +1,6 @@
 """Object detection: boxes (x1, y1, x2, y2 in pixels of the model's input) and a class each.
 
-A batch is ``{"image": float (N, 3, S, S), "boxes": float32 (N, K, 4), "labels": int64 (N, K)}``
+A batch is ``{"image": (N, 3, S, S), "boxes": float32 (N, K, 4), "labels": int64 (N, K)}``
 with ``K = data.max_boxes``: Ray Data carries fixed-shape tensor columns, so each image's boxes
 are padded and label -1 marks padding. An optional ``crowd`` column, bool (N, K), marks boxes
 that neither train nor count in the metric (COCO ``iscrowd``, VOC ``difficult``). Class ids
@@ -23,8 +23,8 @@ from torch import nn
 
 from raycv import overlays
 from raycv.checkpoint import unwrap
-from raycv.config import AugmentConfig, ConfigError
-from raycv.data.augment import denormalize
+from raycv.config import ConfigError
+from raycv.data.augment import displayable
 from raycv.models import MODELS, export_refusal
 from raycv.models.registry import DenseOutput
 from raycv.tasks.base import TASKS, ExportSpec, Metric, Preview
@@ -84,8 +84,8 @@ class Detection:
     def distill_loss(self, student, teacher, temperature: float) -> NoReturn:
         _not_yet("distillation")
 
-    def eval_report(self, augment: AugmentConfig) -> BoxReport:
-        return BoxReport(self, augment)
+    def eval_report(self) -> BoxReport:
+        return BoxReport(self)
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> BoxWriter:
         return BoxWriter(self, files, folder, self.image_size)
@@ -123,14 +123,14 @@ class Detection:
             raise ConfigError(refusal)
         return Dense(model, MODELS.get(self.model_name).dense)
 
-    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+    def preview(self, batch: dict[str, np.ndarray]) -> Preview:
         """Each image with its boxes in its classes' colours; crowd or difficult boxes,
         which neither train nor count, in the colour of ignored pixels."""
         colours = overlays.box_colours()
         crowd = batch.get("crowd", np.zeros(batch["labels"].shape, bool))
         shown, titles = [], []
         for image, boxes, labels, ignored in zip(
-            denormalize(batch["image"], augment), batch["boxes"], batch["labels"], crowd
+            displayable(batch["image"]), batch["boxes"], batch["labels"], crowd
         ):
             real = labels >= 0
             drawn = np.where(ignored[real, None], overlays.IGNORE_COLOUR, colours[labels[real]])

@@ -16,8 +16,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from raycv.config import AugmentConfig
-from raycv.data.augment import denormalize
+from raycv.data.augment import displayable
 from raycv.data.masks import open_upright
 from raycv.errors import BadImageError
 from raycv.overlays import box_colours, draw_boxes, jpeg
@@ -41,9 +40,8 @@ class BoxReport:
     ``WORST_SHOWN`` images with the lowest F1 of their own (detections scoring at least
     ``SHOWN_SCORE`` matched at IoU ``MATCH_IOU``), truth beside prediction (plots/worst.png)."""
 
-    def __init__(self, task: Detection, augment: AugmentConfig) -> None:
+    def __init__(self, task: Detection) -> None:
         self.task = task
-        self.augment = augment
         self.colours = box_colours()
         self.predictions: list[Boxes] = []
         self.truths: list[Boxes] = []
@@ -69,7 +67,7 @@ class BoxReport:
         ranked = sorted([(f1, row) for f1, row, _ in self.worst] + candidates)[:WORST_SHOWN]
         pictures = {row: shown for _, row, shown in self.worst}
         new = [row - offset for _, row in ranked if row not in pictures]
-        for i, image in zip(new, denormalize(images[new], self.augment) if new else []):
+        for i, image in zip(new, displayable(images[new]) if new else []):
             pictures[offset + i] = self._drawn(image, offset + i)
         self.worst = [(f1, row, pictures[row]) for f1, row in ranked]
 

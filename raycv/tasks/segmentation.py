@@ -13,8 +13,7 @@ from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from raycv.config import AugmentConfig
-from raycv.data.augment import denormalize
+from raycv.data.augment import displayable
 from raycv.models import MODELS
 from raycv.overlays import classes_present, legend, overlay, palette
 from raycv.tasks.base import (
@@ -69,7 +68,7 @@ class SegmentationEvaluator(SummedEvaluator):
 
 @TASKS.register("segmentation")
 class Segmentation:
-    """Batches are ``{"image": float (N, 3, H, W), "mask": uint8 (N, H, W)}``, mask values
+    """Batches are ``{"image": (N, 3, H, W), "mask": uint8 (N, H, W)}``, mask values
     class ids or ``data.ignore_index``. Models return logits (N, C, H, W) or torchvision's
     ``{"out", "aux"}``; the auxiliary map joins the loss with its registry entry's weight."""
 
@@ -116,8 +115,8 @@ class Segmentation:
     ) -> torch.Tensor:
         return soft_target_loss(student, teacher, temperature)  # per-pixel soft targets
 
-    def eval_report(self, augment: AugmentConfig) -> IoUReport:
-        return IoUReport(self, augment)
+    def eval_report(self) -> IoUReport:
+        return IoUReport(self)
 
     def prediction_writer(self, files: list[str], folder: Path, top_k: int) -> MaskWriter:
         return MaskWriter(self, files, folder)
@@ -148,9 +147,9 @@ class Segmentation:
     def exportable(self, model: nn.Module) -> Logits:
         return Logits(model, self)
 
-    def preview(self, batch: dict[str, np.ndarray], augment: AugmentConfig) -> Preview:
+    def preview(self, batch: dict[str, np.ndarray]) -> Preview:
         colours = palette(self.ignore_index)
-        images = denormalize(batch["image"], augment)
+        images = displayable(batch["image"])
         shown = np.stack([overlay(i, m, colours) for i, m in zip(images, batch["mask"])])
         names = self.class_names
         titles = [", ".join(classes_present(m, names)) or names[0] for m in batch["mask"]]

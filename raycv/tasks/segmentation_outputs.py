@@ -14,8 +14,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from raycv.config import AugmentConfig
-from raycv.data.augment import denormalize
+from raycv.data.augment import displayable
 from raycv.data.masks import open_upright
 from raycv.errors import BadImageError
 from raycv.overlays import jpeg, legend, mask_png, overlay, palette
@@ -36,11 +35,10 @@ class IoUReport:
     (plots/confusion.png), and the ``WORST_SHOWN`` images with the lowest IoU of their own,
     with their true and predicted masks (plots/worst.png)."""
 
-    def __init__(self, task: Segmentation, augment: AugmentConfig) -> None:
+    def __init__(self, task: Segmentation) -> None:
         self.task = task
         self.class_names = task.class_names
         self.ignore_index = task.ignore_index
-        self.augment = augment
         self.colours = palette(task.ignore_index)
         n = len(task.class_names)
         self.confusion = np.zeros((n, n), np.int64)
@@ -65,7 +63,7 @@ class IoUReport:
         ranked = sorted([(iou, row) for iou, row, _ in self.worst] + candidates)[:WORST_SHOWN]
         pictures = {row: picture for _, row, picture in self.worst}
         new = [row - offset for _, row in ranked if row not in pictures]
-        for i, image in zip(new, denormalize(images[new], self.augment) if new else []):
+        for i, image in zip(new, displayable(images[new]) if new else []):
             drawn = [overlay(image, ids[i], self.colours) for ids in (truth, predicted)]
             pictures[offset + i] = np.stack([image, *drawn])
         self.worst = [(iou, row, pictures[row]) for iou, row in ranked]

@@ -194,7 +194,7 @@ class V2Boxes:
         size, k = self.image_size, batch["labels"].shape[1]
         extras = [c for c in BOX_COLUMNS if c in batch]
         out = {
-            "image": np.empty((n, 3, size, size), np.float32),
+            "image": np.empty((n, 3, size, size), np.uint8),  # as raycv's presets hand it on
             "boxes": np.zeros((n, k, 4), np.float32),
             **{c: np.zeros_like(batch[c]) for c in extras},
         }
@@ -212,7 +212,7 @@ class V2Boxes:
                 image, boxes = F.resize(image, own), F.resize(boxes, own)
             target = {"boxes": boxes, **{c: torch.from_numpy(batch[c][i][real]) for c in extras}}
             image, target = self.pipeline(image, target)
-            out["image"][i] = image.numpy()
+            out["image"][i] = image.mul(255).round_().to(torch.uint8).numpy()
             kept = len(target["boxes"])
             out["boxes"][i, :kept] = target["boxes"].numpy()
             for c in extras:

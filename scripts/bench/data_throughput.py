@@ -7,7 +7,8 @@ Both read the same ImageFolder of JPEGs and produce the same recipe at the same 
   cores; it decodes every JPEG in every epoch (the classic baseline).
 * ``raycv classic``: ``raycv.data.pipeline.build_streams`` decodes each file once to the working
   size and caches it in Ray's object store; each epoch then pays only for the fused-warp
-  augmentation in Ray Data ``map_batches``, read with ``iter_torch_batches`` as training does.
+  augmentation in Ray Data ``map_batches``, read with ``iter_torch_batches`` as training does,
+  uint8 off the stream and normalised to float in the reading process as the loop does.
 * ``raycv classic_v2``: the same pipeline with torchvision v2 called once per image, to show
   what the fused warp buys.
 
@@ -200,6 +201,7 @@ def raycv_config(root: Path, args: argparse.Namespace, preset: str):
 
 def raycv_epochs(cfg, args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Decode once (timed), then iterate the augmented train stream as a Train worker does."""
+    from raycv.data.augment import normalize
     from raycv.data.pipeline import build_streams
 
     started = time.perf_counter()
@@ -215,9 +217,12 @@ def raycv_epochs(cfg, args: argparse.Namespace) -> tuple[dict[str, Any], list[di
     }
 
     def batches():
-        return streams.train.iter_torch_batches(
+        # uint8 off the stream, normalised where the model runs: the DataLoader's output
+        for batch in streams.train.iter_torch_batches(
             batch_size=args.batch_size, prefetch_batches=cfg.train.prefetch_batches
-        )
+        ):
+            batch["image"] = normalize(batch["image"], cfg.augment)
+            yield batch
 
     epochs = [_timed_epoch(batches(), lambda b: len(b["label"])) for _ in range(args.epochs)]
     return decode, epochs
