@@ -160,6 +160,13 @@ class AugmentConfig(Section):
     mosaic_off_epochs: int = Field(
         0, ge=0, description="the last epochs train without mosaic, on whole images"
     )
+    where: Literal["auto", "data", "worker"] = Field(
+        "auto",
+        description="where the train preset runs: data = Ray Data tasks on the cluster's CPUs; "
+        "worker = each training worker, on its own device, between reading a batch and its "
+        "step; auto = worker when the workers have GPUs, else data (faster on CPU, "
+        "docs/benchmarks.md)",
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
@@ -621,6 +628,12 @@ class Config(Section):
 
         trackers.check(self)  # each of run.loggers installed (an extra), with a store
         return self
+
+    @property
+    def augments_on_worker(self) -> bool:
+        """Whether the training workers run the train preset (``augment.where``)."""
+        where = self.augment.where
+        return where == "worker" or (where == "auto" and self.scaling.use_gpu)
 
     @property
     def working_size(self) -> int:

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from raycv.config import from_dict
+from raycv.data import shapes
 from raycv.data.augment import build_preset, normalize
-from raycv.data.pipeline import build_streams
+from raycv.data.pipeline import build_streams, train_preset
+from raycv.data.sources import padded_boxes
 
 SIZE = 32
 MODELS = {"classification": "resnet18", "segmentation": "unet", "detection": "yolo_n"}
@@ -54,3 +56,58 @@ def test_normalised_uint8_pixels_are_the_float_pixels_to_half_a_grey_level(name)
     half_level = 0.5 / 255 / torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
     gap = (model_input - normalize(exact, cfg.augment)).abs()
     assert (gap <= half_level + 1e-6).all() and gap.max() > 0  # rounded, not clipped
+
+
+# ---------------------------------------------------------------- augment.where=worker
+
+
+def shapes_rows(task: str, n: int = 8, size: int = 37) -> dict[str, np.ndarray]:
+    """A cached batch as the train stream hands it to a worker that augments: uint8 (N, W, W,
+    3) images at the working size with the task's targets (boxes padded to 6, -1 labels)."""
+    samples = [
+        shapes.render(i, image_size=size, num_classes=3, difficulty="easy", seed=2)
+        for i in range(n)
+    ]
+    batch = {"image": np.stack([s["image"] for s in samples])}
+    if task == "segmentation":
+        batch["mask"] = np.stack([s["semantic"] for s in samples]).astype(np.uint8)
+    if task == "detection":
+        padded = [padded_boxes(s, size, 6) for s in samples]
+        batch["boxes"] = np.stack([b for b, _ in padded])
+        batch["labels"] = np.stack([labels for _, labels in padded])
+        batch["crowd"] = np.zeros(batch["labels"].shape, bool)
+    return batch
+
+
+@pytest.mark.parametrize("task", list(MODELS))
+def test_the_worker_draws_what_ray_data_draws_with_every_target(task):
+    # Same seed, same code: the worker's tensors are Ray Data's batch before rounding to
+    # uint8, so masks and boxes stay on their pixels (tests/test_*_augment.py) either way.
+    cfg = config(task)
+    preset = train_preset(cfg)
+    preset.seed = 11
+    batch = shapes_rows(task)
+    shipped = preset(batch)
+    on_worker = preset.apply({k: torch.from_numpy(v) for k, v in batch.items()})
+    assert on_worker["image"].dtype == torch.float32
+    rounded = on_worker["image"].mul(255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(rounded, shipped["image"])
+    for key in set(batch) - {"image"}:
+        np.testing.assert_array_equal(on_worker[key].numpy(), shipped[key])
+    if task == "detection":  # boxes did move: the draws were real
+        assert not np.array_equal(shipped["boxes"], batch["boxes"])
+
+
+def test_the_worker_draws_per_image_and_afresh_each_batch():
+    preset = train_preset(config("classification"))
+    copies = torch.from_numpy(np.repeat(shapes_rows("classification", 1)["image"], 32, axis=0))
+    first, second = (preset.apply({"image": copies})["image"] for _ in range(2))
+    assert len({image.numpy().tobytes() for image in first}) >= 30
+    assert not torch.equal(first, second)
+
+
+def test_auto_augments_on_the_worker_only_where_it_has_a_gpu():
+    raw = config("classification").model_dump(mode="json")
+    assert not from_dict(raw).augments_on_worker
+    assert from_dict({**raw, "scaling": {**raw["scaling"], "use_gpu": True}}).augments_on_worker
+    assert from_dict({**raw, "augment": {**raw["augment"], "where": "worker"}}).augments_on_worker

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ddp_run(ray_local, tmp_path_factory, smoke_at):
-    """One 2-worker DDP run shared by the tests that inspect its outputs."""
+    """One 2-worker DDP run shared by the tests that inspect its outputs; each worker runs
+    the train preset itself (augment.where=worker: the stream carries working-size images)."""
     storage = tmp_path_factory.mktemp("ddp")
     # ResNet-18 from scratch needs ~10k samples before it beats chance by a wide margin.
     cfg = from_dict(
@@ -32,8 +33,10 @@ def ddp_run(ray_local, tmp_path_factory, smoke_at):
             data={"shapes": {"num_images": 3000, "image_size": 32, "num_classes": 4}},
             train={"epochs": 5, "batch_size": 64},
             scaling={"num_workers": 2},
+            augment={"where": "worker"},
         )
     )
+    assert cfg.augments_on_worker
     return cfg, run_train(cfg)
 
 

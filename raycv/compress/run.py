@@ -343,7 +343,8 @@ def _augmented_batches(job: Compression):
     for b in job.streams.train.iter_batches(
         batch_size=job.cfg.train.batch_size, batch_format="numpy", drop_last=True
     ):
-        yield tensors(b, job.cfg.augment)
+        # where the workers augment, the stream holds the working-size images
+        yield tensors(job.streams.augment(b) if job.cfg.augments_on_worker else b, job.cfg.augment)
 
 
 def _training_batches(job: Compression) -> list[dict[str, torch.Tensor]]:

@@ -54,6 +54,7 @@ _CROP_ATTEMPTS = 10
 # chunks of 8 (measured on a 2-core Xeon, scripts/bench/data_throughput.py); small images
 # still go as one chunk.
 CHUNK_PIXELS = 8 * 224 * 224
+BOX_COLUMNS = ("boxes", "labels", "crowd")  # a detection batch's padded per-box columns
 
 
 class Preset:
@@ -123,30 +124,41 @@ class Preset:
         padding), and ``crowd`` (N, K) where there is one, moved with their images; a box
         that leaves the output is dropped with its label and the rest move up."""
         images = _images_nchw(batch["image"])
-        n, size, k = len(images), self.image_size, batch["labels"].shape[1]
-        out = {
-            "image": np.empty((n, 3, size, size), dtype=np.uint8),
-            "boxes": np.zeros((n, k, 4), dtype=np.float32),
-            "labels": np.full((n, k), -1, dtype=np.int64),
-        }
-        extras = [c for c in ("crowd",) if c in batch]
-        out |= {c: np.zeros_like(batch[c]) for c in extras}
+        n, size = len(images), self.image_size
+        out = {"image": np.empty((n, 3, size, size), dtype=np.uint8)}
         rng = np.random.default_rng(self.seed)
         aspect = batch.get("aspect")
         step = max(1, CHUNK_PIXELS // (size * size))
+        moved = []
         for start in range(0, n, step):
             part = slice(start, start + step)
-            real = [labels >= 0 for labels in batch["labels"][part]]
-            boxes = [b[r] for b, r in zip(batch["boxes"][part], real)]
-            pixels, moved = self.transform_boxes(
-                images[part], boxes, rng, None if aspect is None else aspect[part]
+            pixels, kept = self.transform_boxes(
+                images[part],
+                _real_boxes(batch, part),
+                rng,
+                None if aspect is None else aspect[part],
             )
             out["image"][part] = _to_uint8(pixels)
-            for i, (r, (kept, stayed)) in enumerate(zip(real, moved), start):
-                out["boxes"][i, : len(kept)] = kept
-                for column in ("labels", *extras):
-                    out[column][i, : len(kept)] = batch[column][i][r][stayed]
-        return {**batch, **out}
+            moved += kept
+        return {**batch, **out, **_packed_boxes(batch, moved)}
+
+    def apply(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``__call__`` for a batch of tensors on the training worker's device
+        (``augment.where=worker``): uint8 (N, H, W, 3) images in, float (N, 3, S, S) pixels
+        in [0, 1] out, masks and boxes moved with them, every image its own draw."""
+        images = batch["image"].permute(0, 3, 1, 2)
+        rng = np.random.default_rng(self.seed)
+        aspect = batch["aspect"].cpu().numpy() if "aspect" in batch else None
+        if "boxes" not in batch:
+            pixels, masks = self.transform_pair(images, batch.get("mask"), rng, aspect)
+            return {**batch, "image": pixels} | ({} if masks is None else {"mask": masks})
+        # Boxes are a few numbers per image: they move on the CPU, as in Ray Data.
+        columns = {k: batch[k].cpu().numpy() for k in BOX_COLUMNS if k in batch}
+        pixels, moved = self.transform_boxes(images, _real_boxes(columns), rng, aspect)
+        packed = _packed_boxes(columns, moved)
+        return {**batch, "image": pixels} | {
+            k: torch.from_numpy(v).to(images.device) for k, v in packed.items()
+        }
 
     def transform_boxes(
         self,
@@ -623,6 +635,27 @@ class EvalPreset(Preset):
         grid = _grid(torch.from_numpy(theta).to(images.device), self.image_size)
         out = _warp(images, grid).mul_(1 / 255)
         return out, None if masks is None else warp_masks(masks, grid, self.ignore_index)
+
+
+def _real_boxes(batch: dict[str, np.ndarray], part: slice = slice(None)) -> list[np.ndarray]:
+    """Each image's boxes without the padding (label -1)."""
+    return [b[labels >= 0] for b, labels in zip(batch["boxes"][part], batch["labels"][part])]
+
+
+def _packed_boxes(batch: dict[str, np.ndarray], moved: list) -> dict[str, np.ndarray]:
+    """The box columns after a warp, padded as before: each image's boxes that stayed
+    (``moved``: per image, the boxes and which of the real ones they are) first, with their
+    labels and crowd flags, then label -1."""
+    n, k = batch["labels"].shape
+    out = {"boxes": np.zeros((n, k, 4), np.float32), "labels": np.full((n, k), -1, np.int64)}
+    extras = [c for c in BOX_COLUMNS[2:] if c in batch]
+    out |= {c: np.zeros_like(batch[c]) for c in extras}
+    for i, (kept, stayed) in enumerate(moved):
+        real = batch["labels"][i] >= 0
+        out["boxes"][i, : len(kept)] = kept
+        for column in ("labels", *extras):
+            out[column][i, : len(kept)] = batch[column][i][real][stayed]
+    return out
 
 
 def _resize_masks(masks: torch.Tensor | None, size: list[int]) -> torch.Tensor | None:

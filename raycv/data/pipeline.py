@@ -1,7 +1,8 @@
 """The streams a training run reads: a source's cached images, read in each epoch's
 order (``data/order.py``), tiled into mosaics where configured (``data/mosaic.py``) and
-augmented in Ray Data ``map_batches`` (train preset), or prepared for evaluation in a fixed
-order (eval preset)."""
+augmented in Ray Data ``map_batches`` (train preset; with ``augment.where=worker`` the
+stream carries the working-size images and each training worker runs the preset on its
+own device, ``Preset.apply``), or prepared for evaluation in a fixed order (eval preset)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ AUGMENT_BATCH = CHUNK  # large enough to amortise the fused warp, small enough t
 
 @dataclass
 class Streams:
-    train: ray.data.Dataset  # the epoch that ``clock`` names, in its order, augmented
+    # the epoch that ``clock`` names, in its order, augmented (or, when the workers augment,
+    # the working-size images for them)
+    train: ray.data.Dataset
     clock: ray.actor.ActorHandle  # data/order.EpochClock: set by the loop before each epoch
     val: ray.data.Dataset
     class_names: list[str]
@@ -48,7 +51,7 @@ def build_streams(cfg: Config) -> Streams:
     num_train, num_val = source.train.count(), source.val.count()
     check_sizes(cfg, num_train, num_val, len(source.skipped))
     size, aug, ignore = cfg.model.image_size, cfg.augment, cfg.data.ignore_index
-    augment = build_preset(aug.train_preset, aug, size, ignore_index=ignore)
+    augment = train_preset(cfg)
     whole = TASKS.get(cfg.task).whole_frame
     prepare = build_preset(aug.eval_preset, aug, size, ignore_index=ignore, whole_frame=whole)
     rows = CachedRows.of(source.train)
@@ -56,7 +59,7 @@ def build_streams(cfg: Config) -> Streams:
     if cfg.augment.mosaic:  # before the warp, in the same tasks (batch_size=None)
         ordered = _mapped(ordered, Mosaic.of(cfg, clock), batch_size=None)
     return Streams(
-        train=_mapped(ordered, augment, batch_size=None),
+        train=ordered if cfg.augments_on_worker else _mapped(ordered, augment, batch_size=None),
         clock=clock,
         val=_mapped(source.val, prepare),
         class_names=source.class_names,
@@ -66,6 +69,14 @@ def build_streams(cfg: Config) -> Streams:
         train_rows=rows,
         augment=augment,
         prepare=prepare,
+    )
+
+
+def train_preset(cfg: Config) -> Preset:
+    """The train preset, where Ray Data or the training workers run it."""
+    aug = cfg.augment
+    return build_preset(
+        aug.train_preset, aug, cfg.model.image_size, ignore_index=cfg.data.ignore_index
     )
 
 

@@ -1,9 +1,10 @@
 """Detection models: torchvision's detectors, built without downloading anything (no COCO
 weights and no ImageNet backbone unless asked for by name).
 
-raycv's presets hand every model ImageNet-normalised images at ``model.image_size``; a
-detector's own input transform is therefore told to leave them as they are (mean 0, std 1)
-and, where it resizes, to keep them at that size (``min_size = max_size = image_size``).
+raycv hands every model ImageNet-normalised images (``raycv.data.augment.normalize``) at
+``model.image_size``; a detector's own input transform is therefore told to leave them as
+they are (mean 0, std 1) and, where it resizes, to keep them at that size (``min_size =
+max_size = image_size``).
 SSD models resize to their fixed size themselves (300 or 320 px) and map boxes back."""
 
 from __future__ import annotations
