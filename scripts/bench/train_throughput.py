@@ -18,6 +18,7 @@ Run by hand, not in CI:
     python scripts/bench/train_throughput.py                      # 32 px, 1000 images, 3 epochs
     python scripts/bench/train_throughput.py --image-size 64 --num-images 4000 --epochs 5
     python scripts/bench/train_throughput.py --config configs/seg_smoke.yaml   # segmentation
+    python scripts/bench/train_throughput.py --workers 1 --where data,worker  # who augments
     python scripts/bench/train_throughput.py --config configs/det_pipeline_smoke.yaml \
         --image-size 64 --num-images 800 --batch-size 16 --workers 1 --skip-bare  # detection
 
@@ -115,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: %(default)s, i.e. cores and 1)",
     )
     p.add_argument(
+        "--where",
+        default="data",
+        help="comma-separated augment.where values, one raycv run each per worker count "
+        "(default data; data,worker compares Ray Data's augmentation with the workers' own)",
+    )
+    p.add_argument(
         "--skip-bare", action="store_true", help="leave out the bare TorchTrainer start-ups"
     )
     p.add_argument(
@@ -138,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if min(counts) < 1:
             p.error(f"{flag}: every count must be at least 1 (got {text!r})")
         setattr(args, name, counts)
+    args.where = list(dict.fromkeys(args.where.split(",")))
+    if not set(args.where) <= {"auto", "data", "worker"}:
+        p.error(f"--where takes auto, data and worker, comma-separated (got {args.where})")
     if args.epochs < 2:
         p.error("--epochs must be at least 2: epoch 1 is warm-up and is not counted")
     if args.ceiling_steps < 1:
@@ -145,9 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def overrides(args: argparse.Namespace, workers: int, storage: Path) -> list[str]:
+def overrides(
+    args: argparse.Namespace, workers: int, storage: Path, where: str = "data"
+) -> list[str]:
     cpus = args.cpus_per_worker or (os.cpu_count() or 1) / workers
     return [
+        f"augment.where={where}",
         "experiment=bench",
         f"run.storage={storage}",
         f"data.shapes.num_images={args.num_images}",
@@ -249,11 +262,13 @@ def launch(cmd: list[str], timeout: float, log_file: Path) -> tuple[float, str]:
     return launched, proc.stdout
 
 
-def raycv_run(args: argparse.Namespace, workers: int, storage: Path, logs: Path) -> dict[str, Any]:
+def raycv_run(
+    args: argparse.Namespace, workers: int, where: str, storage: Path, logs: Path
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "raycv", "train", str(args.config)]
-    cmd += overrides(args, workers, storage)
+    cmd += overrides(args, workers, storage, where)
     started = time.perf_counter()
-    launched, stdout = launch(cmd, args.timeout, logs / f"raycv-{workers}w.log")
+    launched, stdout = launch(cmd, args.timeout, logs / f"raycv-{workers}w-{where}.log")
     wall = time.perf_counter() - started
     run_dir = Path(stdout.strip().splitlines()[-1])  # the command's last line: its run folder
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -302,8 +317,12 @@ def run(args: argparse.Namespace, storage: Path) -> dict[str, Any]:
     from raycv.config import load_config
 
     # Validate every run's config here first: a typo fails in seconds, not after Ray starts.
-    configs = {w: load_config(args.config, overrides(args, w, storage)) for w in args.workers}
-    first = configs[args.workers[0]]
+    plan = [(w, where) for w in args.workers for where in args.where]
+    configs = {
+        (w, where): load_config(args.config, overrides(args, w, storage, where))
+        for w, where in plan
+    }
+    first = configs[plan[0]]
     logs = storage / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -315,22 +334,27 @@ def run(args: argparse.Namespace, storage: Path) -> dict[str, Any]:
         }
 
     before = ceilings("before the runs")
-    runs: dict[int, dict[str, Any]] = {}
-    for w in args.workers:
-        runs[w] = {"cpus_per_worker": configs[w].scaling.cpus_per_worker}
-        log.info("raycv train, %d worker(s) ...", w)
+    runs: dict[str, dict[str, Any]] = {}
+    for w, where in plan:
+        key = f"{w}" if len(args.where) == 1 else f"{w} {where}"
+        runs[key] = {
+            "workers": w,
+            "where": where,
+            "cpus_per_worker": configs[w, where].scaling.cpus_per_worker,
+        }
+        log.info("raycv train, %d worker(s), augment.where=%s ...", w, where)
         try:
-            runs[w]["raycv"] = raycv_run(args, w, storage, logs)
+            runs[key]["raycv"] = raycv_run(args, w, where, storage, logs)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             log.error("raycv train with %d worker(s) failed: %s", w, e)
-            runs[w]["raycv"] = {"error": str(e)}
-        if not args.skip_bare:
+            runs[key]["raycv"] = {"error": str(e)}
+        if not args.skip_bare and where == args.where[0]:
             log.info("bare TorchTrainer, %d worker(s) ...", w)
             try:
-                runs[w]["bare"] = bare_run(args, w, logs)
+                runs[key]["bare"] = bare_run(args, w, logs)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 log.error("bare TorchTrainer with %d worker(s) failed: %s", w, e)
-                runs[w]["bare"] = {"error": str(e)}
+                runs[key]["bare"] = {"error": str(e)}
     after = ceilings("after the runs")
     torch_threads = {  # the ceiling per thread count: the better of before and after
         t: max(before[t]["images_per_s"], after[t]["images_per_s"]) for t in before
@@ -347,8 +371,8 @@ def run(args: argparse.Namespace, storage: Path) -> dict[str, Any]:
             "before": before,
             "after": after,
         },
-        "runs": {str(w): r for w, r in runs.items()},
-        "overrides": {str(w): overrides(args, w, storage) for w in args.workers},
+        "runs": runs,
+        "overrides": {f"{w} {where}": overrides(args, w, storage, where) for w, where in plan},
     }
 
 
@@ -370,9 +394,10 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         )
     start_rows: list[tuple] = []
     verdicts = []
-    for w, r in out["runs"].items():
-        raycv, bare = r["raycv"], r.get("bare", {})
+    for key, r in out["runs"].items():
+        w, raycv, bare = r["workers"], r["raycv"], r.get("bare", {})
         name = f"raycv train, {_plural(w, 'worker')} x {r['cpus_per_worker']:g} CPU"
+        name += f", augment.where={r['where']}" if key != str(w) else ""
         if "error" in raycv:
             speed_rows.append((name, "failed", None, None, None, None, ""))
         else:
@@ -382,14 +407,14 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
                 (name, raycv["images_per_s"], raycv["vs_ceiling"], *shares, per_epoch)
             )
             met = "met" if raycv["vs_ceiling"] >= GOAL else "NOT met"
-            verdicts.append(f"{_plural(w, 'worker')} {met} ({raycv['vs_ceiling']:.2f}x)")
+            verdicts.append(f"{key} {met} ({raycv['vs_ceiling']:.2f}x)")
             if out["task"] == "detection":
                 met = "met" if raycv["metric_share"] <= METRIC_GOAL else "NOT met"
                 verdicts.append(f"mAP scoring <= {METRIC_GOAL:.0%} of the epoch {met}")
         raycv_start, bare_start = raycv.get("startup_s"), bare.get("startup_s")
         start_rows.append(
             (
-                _plural(w, "worker"),
+                key,
                 raycv_start,
                 raycv.get("epoch1_data_wait_s"),
                 bare_start,
