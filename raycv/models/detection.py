@@ -48,7 +48,7 @@ _CLASS_LOGITS = ("head.classification_head.cls_logits",)  # RetinaNet, FCOS
 _SSD_CLASSES = ("head.classification_head",)  # SSD: one conv per feature map
 _TWO_STAGE = (
     "a two-stage detector: its second stage runs on the boxes its first stage's NMS keeps, "
-    "so it has no fixed-shape output to ship"
+    "so it has no dense output before NMS, which is what raycv exports"
 )
 _SSD, _RETINANET, _FCOS = detection_dense.SSD, detection_dense.RETINANET, detection_dense.FCOS
 # name, background class 0, smallest input, options, heads, dense output (None: two-stage).
