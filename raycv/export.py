@@ -118,13 +118,7 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
         export_onnx(exported, spec, run.path / ONNX_FILE)
         export_s = time.perf_counter() - started
         diffs = verify(
-            exported,
-            cfg.model.image_size,
-            run.path / TORCHSCRIPT_FILE,
-            run.path / ONNX_FILE,
-            spec.check_sides,
-            spec.output_name,
-            spec.atol,
+            exported, cfg.model.image_size, run.path / TORCHSCRIPT_FILE, run.path / ONNX_FILE, spec
         )
     except Exception as e:  # the folder says it failed; a mismatching file never looks shipped
         error = {"error": f"{type(e).__name__}: {e}"}
@@ -141,7 +135,8 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
     if hasattr(exported, "postprocess"):  # a detector's NMS, outside the files
         card["postprocess"] = exported.postprocess
     card["files"] = {key: {"path": paths[key], "size_mb": sizes[key]} for key in paths}
-    shapes = ", ".join(str(tuple(shape)) for shape in check_shapes(spec.check_sides))
+    checked = check_shapes(spec.check_sides, spec.fixed_batch)
+    shapes = ", ".join(str(tuple(shape)) for shape in checked)
     card["checks"] = {
         **diffs,
         "atol": spec.atol,
@@ -220,6 +215,9 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path) -> None:
     "will be removed", and an export runs once per model, so seconds are cheap."""
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
+        if spec.traced_onnx:
+            _traced_onnx(model, spec, path)
+            return
         torch.onnx.export(
             model,
             # Batch 2, not 1: torch.export may specialise a size-1 dimension to a constant.
@@ -239,12 +237,35 @@ def export_onnx(model: nn.Module, spec: ExportSpec, path: Path) -> None:
         ) from e
 
 
+def _traced_onnx(model: nn.Module, spec: ExportSpec, path: Path) -> None:
+    """The TorchScript-based exporter, which torchvision's two-stage detectors support: it
+    records NMS as ONNX's NonMaxSuppression, and the output's named dimensions stay dynamic
+    (the number of detections)."""
+    dynamic = {i: name for i, name in enumerate(spec.output_shape) if isinstance(name, str)}
+    with _quiet_torchscript(), torch.no_grad():
+        torch.onnx.export(
+            model,
+            (_example((spec.fixed_batch or 1, 3, *spec.check_sides[0])),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=[INPUT_NAME],
+            output_names=[spec.output_name],
+            dynamic_axes={spec.output_name: dynamic},
+        )
+
+
 # ---------------------------------------------------------------- checking the files
 
 
-def check_shapes(sides: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+def check_shapes(
+    sides: Sequence[tuple[int, int]], fixed_batch: int | None = None
+) -> list[tuple[int, int, int, int]]:
     """The inputs ``verify`` feeds: a batch of ``CHECK_BATCH`` at each (height, width), and
-    one image at the last (a dimension of 1 is where exporters specialise by mistake)."""
+    one image at the last (a dimension of 1 is where exporters specialise by mistake); a
+    file that takes a fixed batch, that batch at each size."""
+    if fixed_batch:
+        return [(fixed_batch, 3, h, w) for h, w in sides]
     return [(CHECK_BATCH, 3, h, w) for h, w in sides] + [(1, 3, *sides[-1])]
 
 
@@ -253,20 +274,20 @@ def verify(
     image_size: int,
     torchscript: Path,
     onnx: Path,
-    sides: Sequence[tuple[int, int]] | None = None,
-    output: str = "logits",
-    atol: float = 1e-4,
+    spec: ExportSpec | None = None,
 ) -> dict[str, float]:
     """Max absolute logit difference of each saved file against ``model`` on seeded random
-    inputs at each (height, width) of ``sides`` (default: ``image_size`` square); raises
-    RuntimeError if either exceeds the tolerance."""
+    inputs at each (height, width) of ``spec.check_sides`` (default: ``image_size`` square,
+    logits); raises RuntimeError if either exceeds the tolerance."""
+    sides = spec.check_sides if spec else [(image_size, image_size)]
+    output, atol = (spec.output_name, spec.atol) if spec else ("logits", 1e-4)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     with _quiet_torchscript():
         scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
     diffs = {"torchscript_max_abs_diff": 0.0, "onnx_max_abs_diff": 0.0}
-    for shape in check_shapes(sides or [(image_size, image_size)]):
+    for shape in check_shapes(sides, spec.fixed_batch if spec else None):
         batch = _example(shape)
         with torch.no_grad():
             expected = model(batch).numpy()
@@ -290,6 +311,8 @@ def _checked_diff(
             f"{shape}, PyTorch {expected.shape}; the export is not shipped (manifest status: "
             "failed)"
         )
+    if expected.size == 0:  # a detector that found nothing, in both
+        return 0.0
     diff = np.abs(actual.astype(np.float64) - expected)
     excess = diff - RTOL * np.abs(expected)
     if not np.all(excess <= atol):  # also catches NaN

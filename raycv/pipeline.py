@@ -196,15 +196,10 @@ STAGES.add("report", Stage(lambda cfg: True, _report))
 
 def check_pipeline(cfg: Config, given: dict[str, Any]) -> None:
     """Before Ray starts: run.storage must be a path (stages write into the pipeline's
-    folder), the pretraining config must be valid, there must be something to fine-tune
-    from, and the model must export if the export stage is on."""
-    from raycv.models import export_refusal
-
+    folder), the pretraining config must be valid, and there must be something to
+    fine-tune from."""
     require_path(cfg.run.storage, "raycv pipeline")
     p = cfg.pipeline
-    refusal = export_refusal(cfg.model.name) if p.export else None
-    if refusal:
-        raise ConfigError(f"pipeline.export: {refusal}; or set pipeline.export=false")
     if p.pretrain is not None:
         try:
             pretrain_config(given, p.pretrain)

@@ -70,18 +70,6 @@ def test_what_detection_cannot_do_yet_is_refused_in_one_line(override, message, 
     assert not any(tmp_path.iterdir())  # refused before any work
 
 
-def test_a_pipeline_that_would_export_a_two_stage_detector_is_refused_first(capsys, tmp_path):
-    from raycv.cli import main
-
-    config = str(REPO / "configs" / "det_smoke.yaml")  # Faster R-CNN; pipeline.export is on
-    assert main(["pipeline", config, f"run.storage={tmp_path}"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err
-    assert re.search(r"pipeline\.export: raycv export does not support fasterrcnn_.*two-stage", err)
-    assert "ssdlite320_mobilenet_v3_large" in err and "pipeline.export=false" in err
-    assert not any(tmp_path.iterdir())
-
-
 # ------------------------------------------------------------------ data
 
 

@@ -1,8 +1,8 @@
-"""One-stage detectors export: TorchScript and ONNX give PyTorch's boxes and class scores
-before NMS, the model card's own postprocess code turns them into exactly the detections the
-model makes (raycv's yolo, and torchvision's SSDlite, FCOS and RetinaNet), a channel-pruned
-yolo exports with its narrow layers, and a two-stage detector is refused in one line with
-nothing shipped."""
+"""Detectors export. One-stage ones: TorchScript and ONNX give PyTorch's boxes and class
+scores before NMS, and the model card's own postprocess code turns them into exactly the
+detections the model makes (raycv's yolo, and torchvision's SSDlite, FCOS and RetinaNet); a
+channel-pruned yolo exports with its narrow layers. A two-stage one (Faster R-CNN): its
+detections with NMS inside, one image at a time."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from raycv.config import ConfigError, PruneConfig, from_dict
+from raycv.config import PruneConfig, from_dict
 from raycv.export import run_export
 from raycv.models import MODELS, create_model
 from raycv.pruning import prune_model
@@ -161,10 +161,26 @@ def test_a_torchvision_one_stage_detector_exports_its_rows_and_the_card_makes_it
         torch.testing.assert_close(got["labels"] + shift, expected["labels"])
 
 
-def test_a_two_stage_detector_is_refused_in_one_line_and_nothing_ships(tmp_path, save_checkpoint):
-    run, _ = saved_run(tmp_path, save_checkpoint, name="fasterrcnn_mobilenet_v3_large_320_fpn")
-    with pytest.raises(ConfigError) as err:
-        run_export(run.best)
-    message = str(err.value)
-    assert "\n" not in message and "yolo_n" in message and "ssdlite320" in message
-    assert not list((tmp_path / "runs" / "det_export").glob("export-*"))  # refused first
+def test_a_two_stage_detector_exports_its_detections_with_nms_inside(tmp_path, save_checkpoint):
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    run, model = saved_run(tmp_path, save_checkpoint, name)
+    exported = run_export(run.best)
+    card = json.loads((exported.path / "model_card.json").read_text())
+    manifest = json.loads(exported.manifest.read_text())
+    assert manifest["status"] == "finished" and manifest["metrics"]["onnx_max_abs_diff"] < 1e-3
+    assert card["input"]["shape"] == [1, 3, SIZE, SIZE] and "postprocess" not in card
+    assert card["output"]["shape"] == ["detections", 6]
+    # On other pixels than the export saw, ONNX Runtime's NMS keeps PyTorch's detections:
+    # boxes in the input's pixels, scores, and class indices from 0 (background's shift undone).
+    x = images(1)
+    session = ort.InferenceSession(str(exported.path / "model.onnx"))
+    (rows,) = session.run(["detections"], {"image": x.numpy()})
+    with torch.no_grad():
+        (found,) = model.eval()(list(x))
+    assert len(rows) == len(found["boxes"]) > 0
+    np.testing.assert_allclose(rows[:, :4], found["boxes"].numpy(), atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(rows[:, 4], found["scores"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(rows[:, 5], found["labels"].numpy() - 1)
+    scripted = torch.jit.load(str(exported.path / "model.torchscript.pt"))
+    with torch.no_grad():
+        np.testing.assert_allclose(scripted(x).numpy(), rows, atol=1e-3, rtol=1e-4)

@@ -8,7 +8,6 @@ from raycv.models.registry import (
     check_input_size,
     check_weights,
     create_model,
-    export_refusal,
     replace_heads,
 )
 
@@ -21,7 +20,6 @@ __all__ = [
     "classification",
     "create_model",
     "detection",
-    "export_refusal",
     "replace_heads",
     "segmentation",
     "yolo",

@@ -46,12 +46,9 @@ def _fixed_size(weights: str | None, image_size: int | None) -> dict[str, Any]:
 _BOX_PREDICTOR = ("roi_heads.box_predictor",)  # Faster R-CNN: class scores, per-class boxes
 _CLASS_LOGITS = ("head.classification_head.cls_logits",)  # RetinaNet, FCOS
 _SSD_CLASSES = ("head.classification_head",)  # SSD: one conv per feature map
-_TWO_STAGE = (
-    "a two-stage detector: its second stage runs on the boxes its first stage's NMS keeps, "
-    "so it has no dense output before NMS, which is what raycv exports"
-)
 _SSD, _RETINANET, _FCOS = detection_dense.SSD, detection_dense.RETINANET, detection_dense.FCOS
-# name, background class 0, smallest input, options, heads, dense output (None: two-stage).
+# name, background class 0, smallest input, options, heads, dense rows (None: two-stage,
+# exported with its NMS inside).
 # The smallest inputs keep the coarsest feature map at least one cell (stride 32 or 64 with
 # an extra FPN level).
 for _name, _background, _min_size, _options, _heads, _dense in (
@@ -75,7 +72,6 @@ for _name, _background, _min_size, _options, _heads, _dense in (
             build=torchvision_detector,
             background_class=_background,
             dense=_dense,
-            no_export=None if _dense else _TWO_STAGE,
             channel_prunable=False,
             dynamic_sides=False,
             quantizable=False,

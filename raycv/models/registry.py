@@ -65,8 +65,8 @@ class ModelSpec:
     # Its heads come built for the class count (a detector's box coder, anchors per cell):
     # transfer learning keeps them as built instead of swapping each class-mapping layer.
     built_heads: bool = False
-    dense: DenseOutput | None = None  # a detector's; None: not traced
-    no_export: str | None = None  # why ``raycv export`` cannot ship it; None: it can
+    # a one-stage detector's; None: a two-stage one, exported with NMS inside, not traced
+    dense: DenseOutput | None = None
     prune_keep: tuple[str, ...] = ()  # layers besides ``heads`` whose outputs pruning keeps
     quantizable: bool = True  # int8 through torch.export of its evaluation forward
 
@@ -76,20 +76,6 @@ class ModelSpec:
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
-
-
-def export_refusal(name: str) -> str | None:
-    """Why ``raycv export`` refuses ``name``, in one line with the alternatives; None: it
-    exports."""
-    spec = MODELS.get(name)
-    if spec.no_export is None:
-        return None
-    alike = [n for n in MODELS.names() if MODELS.get(n).task == spec.task]
-    others = [n for n in alike if MODELS.get(n).no_export is None]
-    return (
-        f"raycv export does not support {name} ({spec.no_export}); {', '.join(others)} "
-        "export, and any run's model loads with raycv.artifacts.load_trained"
-    )
 
 
 def check_input_size(name: str, image_size: int, weights: str | None = None) -> None:

@@ -131,6 +131,15 @@ class ExportSpec:
     # steps do not say it (a detector's letterbox); None: the preset's steps.
     fit: str | None = None
     atol: float = 1e-4  # the check's absolute tolerance, in the output's units (export.py)
+    # ONNX through the TorchScript-based exporter: a graph whose sizes depend on the data
+    # (NMS inside), which torch.export cannot hold
+    traced_onnx: bool = False
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the files take, where it is not dynamic."""
+        batch = self.input_shape[0]
+        return batch if isinstance(batch, int) else None
 
     @property
     def dynamic(self) -> dict[int, str]:

@@ -25,7 +25,7 @@ from raycv import overlays
 from raycv.checkpoint import unwrap
 from raycv.config import ConfigError
 from raycv.data.augment import displayable
-from raycv.models import MODELS, export_refusal
+from raycv.models import MODELS
 from raycv.models.registry import DenseOutput
 from raycv.tasks.base import TASKS, ExportSpec, Metric, Preview
 from raycv.tasks.detection_metrics import DetectionEvaluator
@@ -93,10 +93,34 @@ class Detection:
     def export_spec(
         self, image_size: int, side_multiple: int | None, dynamic_sides: bool = True
     ) -> ExportSpec:
-        """Every anchor point's box and class scores at the training size, before
-        the score threshold and NMS. Those stay outside (the card's ``postprocess``): they
-        are a few lines in any runtime, and ONNX's NonMaxSuppression differs between them."""
+        """A one-stage detector: every anchor point's box and class scores at the training
+        size, before the score threshold and NMS. Those stay outside (the card's
+        ``postprocess``): they are a few lines in any runtime, and ONNX's NonMaxSuppression
+        differs between them. A two-stage one (no ``dense`` rows: its second stage runs on
+        the boxes its first stage's NMS keeps): its detections, NMS inside, one image at a
+        time, as torchvision exports it."""
         count = len(self.class_names)
+        common = {
+            "check_sides": ((image_size, image_size),),
+            "output_name": "detections",
+            # Box corners are pixels: float32 convolutions in ONNX Runtime move a corner by
+            # about 1e-5 of the image side (RetinaNet's ResNet-50 at 128 px: up to 8e-4 px
+            # near 0, where the relative tolerance allows nothing); scores by under 1e-6.
+            "atol": 1e-5 * image_size + 1e-4,
+            "fit": f"fit the whole image into {image_size}x{image_size} keeping its aspect "
+            "ratio, centred, the borders black (a letterbox); boxes come in this square's "
+            "pixels",
+        }
+        if MODELS.get(self.model_name).dense is None:
+            return ExportSpec(
+                input_shape=(1, 3, image_size, image_size),
+                output_shape=("detections", 6),
+                output_meaning="one row per detection after the model's own NMS, best "
+                "first: x1, y1, x2, y2 in pixels of the input, the score, and the class "
+                "index in the order of classes (as a float)",
+                traced_onnx=True,
+                **common,
+            )
         return ExportSpec(
             input_shape=("batch", 3, image_size, image_size),
             output_shape=("batch", "anchors", 4 + count),
@@ -106,22 +130,12 @@ class Detection:
                 "of classes; detections are the (row, class) pairs left by the card's "
                 "postprocess"
             ),
-            check_sides=((image_size, image_size),),
-            output_name="detections",
-            # Box corners are pixels: float32 convolutions in ONNX Runtime move a corner by
-            # about 1e-5 of the image side (RetinaNet's ResNet-50 at 128 px: up to 8e-4 px
-            # near 0, where the relative tolerance allows nothing); scores by under 1e-6.
-            atol=1e-5 * image_size + 1e-4,
-            fit=f"fit the whole image into {image_size}x{image_size} keeping its aspect "
-            "ratio, centred, the borders black (a letterbox); boxes come in this "
-            "square's pixels",
+            **common,
         )
 
-    def exportable(self, model: nn.Module) -> Dense:
-        refusal = export_refusal(self.model_name)
-        if refusal:
-            raise ConfigError(refusal)
-        return Dense(model, MODELS.get(self.model_name).dense)
+    def exportable(self, model: nn.Module) -> nn.Module:
+        dense = MODELS.get(self.model_name).dense
+        return Detections(model, self.shift) if dense is None else Dense(model, dense)
 
     def preview(self, batch: dict[str, np.ndarray]) -> Preview:
         """Each image with its boxes in its classes' colours; crowd or difficult boxes,
@@ -161,3 +175,18 @@ class Dense(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.rows(self.model, image)
+
+
+class Detections(nn.Module):
+    """A two-stage detector as exported: one image's detections after its own NMS, as
+    (K, 6) rows of box, score and class index (from 0: background's shift undone)."""
+
+    def __init__(self, model: nn.Module, shift: int) -> None:
+        super().__init__()
+        self.model = model
+        self.shift = shift
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        found = self.model(list(image))[0]
+        labels = (found["labels"] - self.shift).to(found["boxes"].dtype)
+        return torch.cat([found["boxes"], found["scores"][:, None], labels[:, None]], 1)
