@@ -271,7 +271,7 @@ class MetricsRecorder:
         if saved and top is metrics:
             self._keep_best(saved)
         elif top is not None and top.get("recovered") and top in new:
-            self._keep_best(self._saved_at(top["epoch"]))  # best was the unrecorded epoch
+            self._keep_best(self._reported_as(top["epoch"]))  # best was the unrecorded epoch
         if self.prune:
             for path in list(checkpoint_epochs(self.run.checkpoints).values())[: -self.keep]:
                 shutil.rmtree(path, ignore_errors=True)
@@ -310,6 +310,12 @@ class MetricsRecorder:
         if self.run.uri is None:
             return str(self.run.checkpoints / epoch_dir_name(epoch))
         return remote.join(self.run.uri, "checkpoints", epoch_dir_name(epoch))
+
+    def _reported_as(self, epoch: int) -> str:
+        """Epoch ``epoch``'s checkpoint folder as Ray Train reports one: a path, or for a
+        run on object storage the path in the store (``bucket/key``, no scheme or query)."""
+        saved = self._saved_at(epoch)
+        return saved if self.run.uri is None else remote.filesystem(saved)[1]
 
     def _keep_best(self, saved: str) -> None:
         """Copy the checkpoint folder ``saved`` (a path in the store for a URI run) to best/."""

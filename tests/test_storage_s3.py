@@ -14,8 +14,10 @@ import pyarrow.fs as pafs
 import pytest
 
 from raycv import checkpoint
+from raycv import storage as remote
 from raycv.config import ConfigError, validate
 from raycv.doctor import run_doctor
+from raycv.runs import MetricsRecorder, RunFolder, read_metrics
 from raycv.sweep.run import run_tune
 from raycv.train import run_train
 
@@ -153,3 +155,36 @@ def test_doctor_probes_the_bucket_from_every_node(s3_storage, shapes_cfg, ray_lo
     missing = uri.replace(BUCKET, "no-such-bucket")
     report = run_doctor(validate({**shapes_cfg, "run": {"storage": missing}}))
     assert [f.level for f in report.findings if f.check == "storage"] == ["error"]
+
+
+def test_an_unrecorded_best_epoch_is_copied_to_best_within_the_bucket(
+    s3_storage, tmp_path, monkeypatch
+):
+    """A driver killed after epoch 3's checkpoint reached the bucket but before its row:
+    the resumed run recovers the row, and since epoch 3 was the best, copies its
+    checkpoint to best/ inside the bucket (from its path there, not from its URI)."""
+    uri, fs, _ = s3_storage
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run = RunFolder.create(uri, "recovered", "train")
+    recorder = MetricsRecorder(run, epochs=4, keep=4, metric="val_acc", mode="max")
+    scores = {1: 0.1, 2: 0.2, 3: 0.5, 4: 0.3}
+
+    def saved(epoch: int) -> str:
+        """Epoch's checkpoint written into the bucket, as Ray Train reports it."""
+        local = tmp_path / checkpoint.epoch_dir_name(epoch)
+        local.mkdir()
+        metrics = {"epoch": epoch, "val_acc": scores[epoch], "node": "n0"}
+        checkpoint.save(local, {"epoch": epoch, "metrics": metrics})
+        target = remote.filesystem(remote.join(run.uri, "checkpoints", local.name))[1]
+        pafs.copy_files(str(local), target, pafs.LocalFileSystem(), fs)
+        return target
+
+    for epoch in (1, 2):
+        recorder.record([{"epoch": epoch, "val_acc": scores[epoch], "node": "n0"}], saved(epoch))
+    saved(3)  # ... and the driver was killed here
+    recorder.record([{"epoch": 4, "val_acc": scores[4], "node": "n0"}], saved(4))
+    assert [r["epoch"] for r in read_metrics(run.metrics)] == [1, 2, 3, 4]
+    assert checkpoint.load(run.best)["epoch"] == 3  # the mirror's copy
+    best = remote.filesystem(remote.join(run.uri, "best"))[1]
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(best))]
+    assert checkpoint.CHECKPOINT_FILE in names
