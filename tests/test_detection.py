@@ -18,7 +18,7 @@ from raycv.config import AugmentConfig, ConfigError, from_dict, load_config
 from raycv.data import shapes
 from raycv.data.augment import build_preset
 from raycv.data.boxes import box_iou, mask_box
-from raycv.data.sources import padded_boxes
+from raycv.data.decoders import padded_boxes
 from raycv.models import create_model
 from raycv.tasks import build_task
 

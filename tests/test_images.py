@@ -430,3 +430,67 @@ def test_paths_with_spaces_and_non_ascii(ray_local, tmp_path):
     assert label_counts(train, 3) == [4, 4, 4]
     assert label_counts(val, 3) == [2, 2, 2]
     check_images(train, val, 37)
+
+
+DECODE_IN_A_WORKER = """
+import pickle, sys
+calls = pickle.loads(sys.stdin.buffer.read())
+shapes = [call(batch)["image"].shape for call, batch in calls]
+heavy = [m for m in ("torch", "torchvision", "raycv.tasks", "raycv.models") if m in sys.modules]
+print(shapes, heavy)
+"""
+
+
+def test_source_batch_functions_run_in_a_process_without_torch(tmp_path):
+    """What a Ray Data worker does with a source's batch function: unpickle it (importing
+    its module) and call it. None may pull in torch: about 3 s per fresh worker process."""
+    import pickle
+    import subprocess
+    import sys
+
+    import pyarrow.fs as pafs
+
+    from raycv.data.decoders import DecodeBoxes, DecodeFolder, RenderShapes
+    from raycv.data.masks import DecodePairs, MaskSpec
+
+    image, mask = tmp_path / "red" / "a.png", tmp_path / "a_mask.png"
+    image.parent.mkdir()
+    Image.new("RGB", (40, 30), RED).save(image)
+    Image.new("L", (40, 30), 1).save(mask)
+    fs, path = pafs.LocalFileSystem(), str(image)
+    shapes = {"image_size": 32, "num_classes": 3, "difficulty": "easy", "seed": 0}
+    boxes = {
+        "path": [path],
+        "size": np.array([[40, 30]]),
+        "boxes": np.array([[[1, 2, 20, 20]]], np.float32),
+        "labels": np.array([[0]]),
+        "crowd": np.array([[False]]),
+    }
+    calls = [
+        (RenderShapes(np.arange(2), shapes, SIZE), {"id": np.arange(2)}),
+        (DecodeFolder(fs, {"red": 0}, SIZE, True), {"path": [path]}),
+        (DecodeBoxes(fs, SIZE), boxes),
+        (DecodePairs(fs, SIZE, MaskSpec(2)), {"image_path": [path], "mask_path": [str(mask)]}),
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", DECODE_IN_A_WORKER],
+        input=pickle.dumps(calls),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    assert out.strip() == f"{[(2, SIZE, SIZE, 3)] + [(1, SIZE, SIZE, 3)] * 3} []"
+
+
+def test_a_folder_file_gone_since_listing_is_flagged_with_why(tmp_path):
+    import pyarrow.fs as pafs
+
+    from raycv.data.decoders import DecodeFolder
+
+    good = tmp_path / "red" / "a.png"
+    good.parent.mkdir()
+    Image.new("RGB", (40, 30), RED).save(good)
+    gone = str(tmp_path / "red" / "gone.png")
+    out = DecodeFolder(pafs.LocalFileSystem(), {"red": 0}, SIZE)({"path": [str(good), gone]})
+    assert out["error"][0] == "" and out["image"][0].any()
+    assert out["error"][1].startswith(f"{gone}: not readable (FileNotFoundError")
+    assert not out["image"][1].any() and out["label"].tolist() == [0, 0]

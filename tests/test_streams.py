@@ -11,8 +11,8 @@ import torch
 from raycv.config import from_dict
 from raycv.data import shapes
 from raycv.data.augment import build_preset, normalize
+from raycv.data.decoders import padded_boxes
 from raycv.data.pipeline import build_streams, train_preset
-from raycv.data.sources import padded_boxes
 
 SIZE = 32
 MODELS = {"classification": "resnet18", "segmentation": "unet", "detection": "yolo_n"}
@@ -111,3 +111,42 @@ def test_auto_augments_on_the_worker_only_where_it_has_a_gpu():
     assert not from_dict(raw).augments_on_worker
     assert from_dict({**raw, "scaling": {**raw["scaling"], "use_gpu": True}}).augments_on_worker
     assert from_dict({**raw, "augment": {**raw["augment"], "where": "worker"}}).augments_on_worker
+
+
+RUN_STEP_ELSEWHERE = """
+import pickle, sys
+step, batch = pickle.loads(sys.stdin.buffer.read())
+before = "torch" in sys.modules
+out = step(batch)
+sys.stdout.buffer.write(pickle.dumps((before, out)))
+"""
+
+
+@pytest.mark.parametrize("task", list(MODELS))
+def test_a_stream_ships_its_preset_as_a_step_that_imports_torch_only_to_augment(task):
+    """Ray Train's DatasetManager and each SplitCoordinator unpickle a stream's plan and
+    never augment: unpickling its preset must not import torch (about 2.7 s a process).
+    Where a batch is augmented, the step draws what the preset draws, from its seed."""
+    import pickle
+    import subprocess
+    import sys
+
+    from raycv.data.preset_step import PresetStep
+
+    preset = train_preset(config(task))
+    preset.seed = 7
+    batch = shapes_rows(task)
+    step = PresetStep.of(preset)
+    assert pickle.loads(pickle.dumps(step))._built is None  # built where it lands
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_STEP_ELSEWHERE],
+        input=pickle.dumps((step, batch)),
+        capture_output=True,
+        check=True,
+    ).stdout
+    torch_at_unpickling, shipped = pickle.loads(out)
+    assert torch_at_unpickling is False
+    expected = preset(batch)
+    assert set(shipped) == set(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(shipped[key], value)

@@ -12,8 +12,8 @@ import torch
 from torchvision.ops import box_iou
 
 from raycv.config import IMAGENET_MEAN, IMAGENET_STD
+from raycv.data.decoders import padded_boxes
 from raycv.data.shapes import render
-from raycv.data.sources import padded_boxes
 from raycv.models import MODELS, create_model, replace_heads
 from raycv.models.yolo import RETURN_NODES, anchor_points, decode
 from raycv.models.yolo_loss import Padded, task_aligned_assign

@@ -69,6 +69,7 @@ class Preset:
     shows_whole_frame = False
     # The target columns it keeps true to its pixels (config checks them against the task's).
     carries: frozenset[str] = frozenset({"label", "mask"})
+    name = ""  # its name in AUGMENTATIONS, set by build_preset
 
     def __init__(
         self,
@@ -204,8 +205,11 @@ def build_preset(
     """The single way in: ``build_preset(cfg.augment.train_preset, cfg.augment, size)``.
     Segmentation passes ``ignore_index=cfg.data.ignore_index``, and ``whole_frame=True`` to
     its eval preset: every pixel of the image is scored, so none may be cropped away."""
-    preset = AUGMENTATIONS.get(name)
-    return preset(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
+    preset = AUGMENTATIONS.get(name)(
+        cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame
+    )
+    preset.name = name  # what a PresetStep (data/preset_step.py) rebuilds it by
+    return preset
 
 
 def normalize(

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray.data
-from PIL import Image
 
 from raycv.config import Config
 from raycv.data import box_formats
 from raycv.data.box_formats import BoxRecord, BoxSplits
-from raycv.data.masks import open_upright
+from raycv.data.decoders import DecodeBoxes
 from raycv.data.sources import (
     SOURCES,
     SourceData,
@@ -33,58 +30,11 @@ from raycv.data.sources import (
     good_rows,
     split_indices,
 )
-from raycv.errors import BadImageError, DataError
+from raycv.errors import DataError
 
 log = logging.getLogger(__name__)
 
 Reader = Callable[..., BoxSplits]
-
-
-@dataclass(frozen=True)
-class DecodeBoxes:
-    """Ray Data batch function: ``path`` and the annotated boxes in the image's own pixels
-    -> the image squeezed into ``size`` x ``size`` and its boxes scaled with it. Never
-    raises (a Ray task's error loses the file name): a bad image is zeros and its error."""
-
-    fs: pafs.FileSystem
-    size: int
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["path"])
-        images = np.zeros((n, self.size, self.size, 3), np.uint8)
-        boxes = np.asarray(batch["boxes"], np.float32).copy()
-        aspects = np.ones(n, np.float32)
-        errors = np.full(n, "", dtype=object)
-        # What a bad row reports (good_rows): its error, which starts with its file, as the
-        # annotation readers' messages do, so that every skip says why.
-        reported = np.asarray(batch["path"], dtype=object).copy()
-        for i, path in enumerate(batch["path"]):
-            try:
-                images[i], scale, aspects[i] = self._decode(path, batch["size"][i])
-                boxes[i] *= scale
-            except BadImageError as e:
-                errors[i] = reported[i] = str(e)
-        kept = {c: batch[c] for c in ("labels", "crowd")}
-        columns = {"image": images, "boxes": boxes, "aspect": aspects, **kept}
-        return {**columns, "path": reported, "error": errors}
-
-    def _decode(self, path: str, annotated: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        try:
-            with self.fs.open_input_file(path) as f:
-                data = f.read()
-        except OSError as e:  # gone since it was listed, or unreadable
-            raise BadImageError(f"{path}: not readable ({type(e).__name__}: {e})") from e
-        img, (width, height) = open_upright(data, path, self.size)
-        if (width, height) != tuple(int(v) for v in annotated):
-            # Boxes drawn on another size (or on the photo before its EXIF turn) would
-            # no longer sit on their objects.
-            raise BadImageError(
-                f"{path}: the image is {width}x{height} (after EXIF orientation) but its "
-                f"annotation says {annotated[0]}x{annotated[1]}; annotate the upright image"
-            )
-        pixels = img.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        scale = np.array([self.size / width, self.size / height] * 2, np.float32)
-        return np.asarray(pixels, dtype=np.uint8), scale, width / height
 
 
 def box_source(cfg: Config, read: Reader) -> SourceData:

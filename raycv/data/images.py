@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageOps
 
 from raycv.errors import BadImageError
@@ -19,6 +20,15 @@ from raycv.errors import BadImageError
 Image.MAX_IMAGE_PIXELS = 400_000_000
 REDUCE_MARGIN = 2  # the final resize still averages at least 2 x 2 pixels into one
 REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"})  # PIL reduces these
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """A file's bytes; a file gone since it was listed, or unreadable, is a BadImageError."""
+    try:
+        with fs.open_input_file(path) as f:
+            return f.read()
+    except OSError as e:
+        raise BadImageError(f"{path}: not readable ({type(e).__name__}: {e})") from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import ExifTags, Image, ImageOps
 
-from raycv.data.images import shrink, to_rgb
+from raycv.data.images import read_bytes, shrink, to_rgb
 from raycv.errors import BadImageError
 
 GREY_MODES = frozenset({"L", "P", "1"})  # one value per pixel, read as it is
@@ -171,7 +171,7 @@ class DecodePairs:
         errors = np.full(n, "", dtype=object)
         for i, (image_path, mask_path) in enumerate(zip(batch["image_path"], batch["mask_path"])):
             try:
-                image, mask = self._read(image_path), self._read(mask_path)
+                image, mask = read_bytes(self.fs, image_path), read_bytes(self.fs, mask_path)
                 images[i], masks[i], aspects[i] = decode_pair(
                     image, mask, image_path, mask_path, self.size, self.spec
                 )
@@ -180,10 +180,3 @@ class DecodePairs:
                 if errors[i].startswith(f"{mask_path}: "):  # messages start with their file
                     paths[i] = mask_path
         return {"image": images, "mask": masks, "aspect": aspects, "path": paths, "error": errors}
-
-    def _read(self, path: str) -> bytes:
-        try:
-            with self.fs.open_input_file(path) as f:
-                return f.read()
-        except OSError as e:  # gone since it was listed, or unreadable
-            raise BadImageError(f"{path}: not readable ({type(e).__name__}: {e})") from e

@@ -15,6 +15,7 @@ from raycv.config import Config
 from raycv.data.augment import Preset, build_preset
 from raycv.data.mosaic import Mosaic
 from raycv.data.order import CHUNK, CachedRows, epoch_stream, stratified_sample
+from raycv.data.preset_step import PresetStep
 from raycv.data.sources import SOURCES
 from raycv.errors import DataError
 from raycv.tasks import TASKS
@@ -43,7 +44,7 @@ class Streams:
         as for training."""
         rows = stratified_sample(self.train_rows.labels, count, seed)
         preset = self.augment if augmented else self.prepare
-        return _mapped(self.train_rows.rows_dataset(rows), preset, batch_size=None)
+        return _augmented(self.train_rows.rows_dataset(rows), preset)
 
 
 def build_streams(cfg: Config) -> Streams:
@@ -59,9 +60,9 @@ def build_streams(cfg: Config) -> Streams:
     if cfg.augment.mosaic:  # before the warp, in the same tasks (batch_size=None)
         ordered = _mapped(ordered, Mosaic.of(cfg, clock), batch_size=None)
     return Streams(
-        train=ordered if cfg.augments_on_worker else _mapped(ordered, augment, batch_size=None),
+        train=ordered if cfg.augments_on_worker else _augmented(ordered, augment),
         clock=clock,
-        val=_mapped(source.val, prepare),
+        val=_mapped(source.val, PresetStep.of(prepare), AUGMENT_BATCH),
         class_names=source.class_names,
         num_train=num_train,
         num_val=num_val,
@@ -80,13 +81,17 @@ def train_preset(cfg: Config) -> Preset:
     )
 
 
-def _mapped(
-    ds: ray.data.Dataset, preset: Callable, batch_size: int | None = AUGMENT_BATCH
-) -> ray.data.Dataset:
+def _augmented(ds: ray.data.Dataset, preset: Preset) -> ray.data.Dataset:
+    """``preset`` run on each gathered chunk (data/order.py) as a PresetStep: the processes
+    that only pass the plan on never import torch for it."""
+    return _mapped(ds, PresetStep.of(preset), batch_size=None)
+
+
+def _mapped(ds: ray.data.Dataset, fn: Callable, batch_size: int | None) -> ray.data.Dataset:
     """``batch_size=None`` after a gather (data/order.py): each block is one gathered chunk
-    of ``CHUNK`` rows, and without a batch size Ray Data fuses the preset into the gather's
+    of ``CHUNK`` rows, and without a batch size Ray Data fuses ``fn`` into the gather's
     tasks, one chunk each (with one, it bundles the chunks into as few tasks as fill it)."""
-    return ds.map_batches(preset, batch_size=batch_size, batch_format="numpy")
+    return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
 
 
 def check_sizes(cfg: Config, num_train: int, num_val: int, skipped: int) -> None:

@@ -15,6 +15,7 @@ a resumed run reads on in the same order."""
 from __future__ import annotations
 
 import logging
+import math
 import posixpath
 from collections import Counter
 from collections.abc import Callable
@@ -23,17 +24,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.fs as pafs
 import ray.data
-from PIL import Image
 from ray.data.expressions import col
 
 from raycv.config import Config
 from raycv.data import mask_layouts, masks, shapes
-from raycv.data.images import decode_batch
+from raycv.data.decoders import SHAPES_TARGETS, DecodeFolder, RenderShapes, class_of
 from raycv.errors import BadImageError, DataError
 from raycv.registry import Registry
 from raycv.tasks import TASKS
 
 log = logging.getLogger(__name__)
+DECODE_BATCH = 64  # files per decode task, and rows per block of the cache
 
 
 @dataclass
@@ -50,74 +51,10 @@ SOURCES: Registry[Callable[[Config], SourceData]] = Registry("data source")
 # ------------------------------------------------------------------ shapes (built in)
 
 
-@dataclass(frozen=True)
-class _RenderShapes:
-    """Ray Data batch function: row positions -> rendered images at the working size, and
-    the columns the task learns from (``targets``: "label", "mask", or "boxes" and "labels")."""
-
-    indices: np.ndarray
-    cfg: dict
-    size: int
-    targets: tuple[str, ...] = ("label",)
-    max_boxes: int = 1
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = []
-        columns: dict[str, list] = {target: [] for target in self.targets}
-        for i in self.indices[batch["id"]]:
-            sample = shapes.render(int(i), **self.cfg)
-            img = sample["image"]
-            if img.shape[0] != self.size:
-                img = np.asarray(
-                    Image.fromarray(img).resize((self.size, self.size), Image.BILINEAR)
-                )
-            images.append(img)
-            for target in self.targets:
-                columns[target].append(_SHAPES_TARGETS[target](sample, self.size, self.max_boxes))
-        return {
-            "image": np.stack(images),
-            **{
-                target: np.asarray(values, _SHAPES_DTYPES[target])
-                for target, values in columns.items()
-            },
-        }
-
-
-def semantic_mask(sample: dict, size: int) -> np.ndarray:
-    """uint8 (size, size) of a rendered sample: 0 background, class id + 1 on each shape's
-    visible pixels, resized nearest so that values stay class ids."""
-    ids = sample["semantic"]
-    if ids.shape[0] != size:
-        ids = np.asarray(Image.fromarray(ids).resize((size, size), Image.Resampling.NEAREST))
-    return ids
-
-
-def padded_boxes(sample: dict, size: int, max_boxes: int) -> tuple[np.ndarray, np.ndarray]:
-    """A rendered sample's boxes scaled to the working ``size`` and its labels, padded to
-    ``max_boxes`` rows (label -1); a stack that has more keeps its first ones (the main
-    shape comes first)."""
-    boxes = np.zeros((max_boxes, 4), np.float32)
-    labels = np.full(max_boxes, -1, np.int64)
-    count = min(len(sample["labels"]), max_boxes)
-    boxes[:count] = sample["boxes"][:count] * (size / sample["image"].shape[0])
-    labels[:count] = sample["labels"][:count]
-    return boxes, labels
-
-
-# What shapes can give each task: column -> (sample, working size, max boxes) -> value.
-_SHAPES_TARGETS: dict[str, Callable[[dict, int, int], object]] = {
-    "label": lambda sample, size, k: sample["label"],
-    "mask": lambda sample, size, k: semantic_mask(sample, size),
-    "boxes": lambda sample, size, k: padded_boxes(sample, size, k)[0],
-    "labels": lambda sample, size, k: padded_boxes(sample, size, k)[1],
-}
-_SHAPES_DTYPES = {"label": np.int64, "mask": np.uint8, "boxes": np.float32, "labels": np.int64}
-
-
 @SOURCES.register("shapes")
 def shapes_source(cfg: Config) -> SourceData:
     s = cfg.data.shapes
-    targets = check_targets(cfg, tuple(_SHAPES_TARGETS))
+    targets = check_targets(cfg, tuple(SHAPES_TARGETS))
     render_args = {
         "image_size": s.image_size,
         "num_classes": s.num_classes,
@@ -128,7 +65,7 @@ def shapes_source(cfg: Config) -> SourceData:
     train_idx, val_idx = split_indices(s.num_images, cfg.data.val_fraction, cfg.data.split_seed)
 
     def rendered(indices: np.ndarray) -> ray.data.Dataset:
-        fn = _RenderShapes(indices, render_args, cfg.working_size, targets, cfg.data.max_boxes)
+        fn = RenderShapes(indices, render_args, cfg.working_size, targets, cfg.data.max_boxes)
         return cached(ray.data.range(len(indices)).map_batches(fn, batch_size=256))
 
     names = shapes.class_names(s.num_classes, s.classes)
@@ -166,30 +103,6 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 
 
 @dataclass(frozen=True)
-class _Decode:
-    """Ray Data batch function: file bytes -> images; bad files flagged or fatal. ``whole``
-    (the training split) keeps each whole image and its aspect ratio for the random resized
-    crop (data/images.py ``decode_whole``); validation is centre-cropped once, as torchvision
-    evaluates."""
-
-    class_index: dict[str, int]
-    size: int
-    whole: bool = False
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, aspects, errors = decode_batch(batch["bytes"], batch["path"], self.size, self.whole)
-        labels = [self.class_index[_class_of(p)] for p in batch["path"]]
-        aspect = {"aspect": aspects} if self.whole else {}
-        return {
-            "image": images,
-            "label": np.asarray(labels, dtype=np.int64),
-            **aspect,
-            "path": batch["path"],
-            "error": errors,
-        }
-
-
-@dataclass(frozen=True)
 class FolderSplit:
     """An ImageFolder's classes and the files of each split, listed before any decoding."""
 
@@ -207,13 +120,12 @@ def folder_source(cfg: Config) -> SourceData:
     fail = cfg.data.bad_images == "fail"
     train, bad_train = _decoded(
         split.train,
-        fs,
-        _Decode(class_index, cfg.working_size, cfg.data.folder.train_images == "whole"),
+        DecodeFolder(fs, class_index, cfg.working_size, cfg.data.folder.train_images == "whole"),
         fail,
     )
     if bad_train:  # skipped files may have emptied a class
         check_classes_left(split.classes, split.train, bad_train)
-    val, bad_val = _decoded(split.val, fs, _Decode(class_index, cfg.working_size), fail)
+    val, bad_val = _decoded(split.val, DecodeFolder(fs, class_index, cfg.working_size), fail)
     if bad_train or bad_val:
         log.warning(
             "skipped %d unreadable files, e.g. %s",
@@ -272,7 +184,7 @@ def check_classes_left(classes: list[str], train_files: list[str], bad: list[str
     them: an empty class folder, a carved split or skipped unreadable files can leave
     fewer than the class folders promise."""
     skipped = set(bad)
-    counts = Counter(_class_of(p) for p in train_files if p not in skipped)
+    counts = Counter(class_of(p) for p in train_files if p not in skipped)
     empty = [c for c in classes if not counts[c]]
     if len(classes) - len(empty) < 2:
         raise DataError(
@@ -285,10 +197,6 @@ def check_classes_left(classes: list[str], train_files: list[str], bad: list[str
             "them; add images or remove the folders",
             ", ".join(empty),
         )
-
-
-def _class_of(path: str) -> str:
-    return posixpath.basename(posixpath.dirname(path))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -342,11 +250,12 @@ def _list_files(fs: pafs.FileSystem, directory: str, classes: list[str]) -> list
 
 
 def _decoded(
-    files: list[str], fs: pafs.FileSystem, decoder: _Decode, fail_on_bad: bool
+    files: list[str], decoder: DecodeFolder, fail_on_bad: bool
 ) -> tuple[ray.data.Dataset, list[str]]:
     """Decode once and cache; return the good rows and the paths of the bad ones."""
-    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
-    return good_rows(cached(ds.map_batches(decoder, batch_size=64)), fail_on_bad)
+    blocks = max(1, math.ceil(len(files) / DECODE_BATCH))  # the cache's blocks, as decoded
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=blocks)
+    return good_rows(cached(ds.map_batches(decoder, batch_size=DECODE_BATCH)), fail_on_bad)
 
 
 def good_rows(ds: ray.data.Dataset, fail_on_bad: bool) -> tuple[ray.data.Dataset, list[str]]:

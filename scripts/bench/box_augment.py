@@ -103,7 +103,7 @@ def rendered_shapes(count: int, size: int, max_boxes: int) -> dict[str, np.ndarr
     """Shapes (medium: distractors of other classes) with their boxes, padded as raycv's
     ``shapes`` source caches them (``padded_boxes``)."""
     from raycv.data import shapes
-    from raycv.data.sources import padded_boxes
+    from raycv.data.decoders import padded_boxes
 
     images, boxes, labels = [], [], []
     for index in range(count):
@@ -123,7 +123,7 @@ def cached_photos(folder: Path, count: int, size: int, max_boxes: int) -> dict[s
     import pyarrow.fs as pafs
 
     from raycv.data.box_formats import read_voc
-    from raycv.data.box_sources import DecodeBoxes
+    from raycv.data.decoders import DecodeBoxes
 
     if not (folder / "Annotations").is_dir():
         raise SystemExit(f"error: no {folder / 'Annotations'}: pass --photos DIR, a VOC folder")

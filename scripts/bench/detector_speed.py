@@ -60,8 +60,8 @@ def shapes_batch(size: int, count: int) -> tuple[list[Any], list[dict[str, Any]]
     import torch
 
     from raycv.config import IMAGENET_MEAN, IMAGENET_STD
+    from raycv.data.decoders import padded_boxes
     from raycv.data.shapes import render
-    from raycv.data.sources import padded_boxes
 
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
