@@ -38,8 +38,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from raycv.config import AugmentConfig
 from raycv.data.boxes import warp_boxes
@@ -485,6 +483,11 @@ class ClassicV2Preset(Preset):
         whole_frame: bool = False,
     ) -> None:
         super().__init__(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
+        # Imported here: the reference preset alone needs torchvision, and importing it cost
+        # every augmenting Ray Data process about 1.4 s before its first batch on 2 cores.
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
         bilinear = v2.InterpolationMode.BILINEAR  # as the fused warp; v2's default is nearest
         fill = {tv_tensors.Mask: ignore_index, "others": 0}
         self.pipeline = v2.Compose(
@@ -505,6 +508,8 @@ class ClassicV2Preset(Preset):
         rng: np.random.Generator,
         aspect: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from torchvision import tv_tensors  # see __init__
+
         # v2 draws from torch's global generator: seed a private fork of it, so calls get fresh
         # entropy (or self.seed) and the caller's own random stream is left untouched.
         seed = int(rng.integers(2**62))
@@ -525,6 +530,8 @@ class ClassicV2Preset(Preset):
 def _unsqueezed(image: torch.Tensor, height: float, width: float) -> torch.Tensor:
     """A squeezed image (or Mask, which v2 resizes nearest) resized back to its own
     proportions, per image: the reference."""
+    from torchvision.transforms import v2  # see ClassicV2Preset.__init__
+
     size = [round(height), round(width)]
     return image if list(image.shape[1:]) == size else v2.functional.resize(image, size)
 
@@ -554,13 +561,6 @@ class EvalPreset(Preset):
         super().__init__(cfg, image_size, ignore_index=ignore_index, whole_frame=whole_frame)
         # The same 1.15 ratio as the default working size, so the usual cached batch skips it.
         self.resize_to = round(image_size * 1.15)
-        self.resize = v2.Resize(self.resize_to, antialias=True)
-        self.finish = v2.Compose(
-            [
-                v2.CenterCrop(image_size),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
-        )
 
     def transform_pair(
         self,
@@ -573,12 +573,10 @@ class EvalPreset(Preset):
             return self._whole(images, masks)
         if aspect is not None:
             return self._squeezed(images, masks, aspect)
-        if min(images.shape[-2:]) != self.resize_to:
-            images = self.resize(images)
-            masks = _resize_masks(masks, [self.resize_to])
-        if masks is not None:
-            masks = v2.functional.center_crop(masks, [self.image_size])
-        return self.finish(images), masks
+        size = _shorter_side_to(images.shape[-2:], self.resize_to)
+        images, masks = _resized(images, size), _resized(masks, size, nearest=True)
+        masks = None if masks is None else _centre_crop(masks, self.image_size)
+        return _to_float(_centre_crop(images, self.image_size)), masks
 
     def transform_boxes(
         self,
@@ -620,10 +618,7 @@ class EvalPreset(Preset):
         (Training sees true proportions; this small shift is the price of scoring all pixels
         at S x S.)"""
         size = [self.image_size, self.image_size]
-        if list(images.shape[-2:]) != size:
-            images = v2.functional.resize(images, size, antialias=True)
-            masks = _resize_masks(masks, size)
-        return self.finish(images), masks  # the centre crop of S x S keeps it whole
+        return _to_float(_resized(images, size)), _resized(masks, size, nearest=True)
 
     def _squeezed(
         self, images: torch.Tensor, masks: torch.Tensor | None, aspect: np.ndarray
@@ -662,9 +657,49 @@ def _packed_boxes(batch: dict[str, np.ndarray], moved: list) -> dict[str, np.nda
     return out
 
 
-def _resize_masks(masks: torch.Tensor | None, size: list[int]) -> torch.Tensor | None:
-    exact = v2.InterpolationMode.NEAREST_EXACT
-    return None if masks is None else v2.functional.resize(masks, size, interpolation=exact)
+# torchvision v2's resize, centre crop and float conversion, as the eval preset used them,
+# on torch alone: importing torchvision cost every augmenting Ray Data process about 1.4 s
+# before its first batch on 2 cores (docs/benchmarks.md).
+
+
+def _resized(x: torch.Tensor | None, size: list[int], nearest: bool = False) -> torch.Tensor | None:
+    """Images (N, C, H, W) bilinear with antialiasing, or masks (N, H, W) nearest with
+    pixel centres aligned (``nearest-exact``: their values stay class ids), at ``size``.
+    uint8 images resize natively on the CPU; elsewhere through float, rounded back."""
+    if x is None or list(x.shape[-2:]) == list(size):
+        return x
+    if nearest:
+        return F.interpolate(x.unsqueeze(1), size=size, mode="nearest-exact").squeeze(1)
+    through_float = x.dtype == torch.uint8 and x.device.type != "cpu"
+    out = F.interpolate(
+        x.float() if through_float else x,
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
+    return out.round_().to(torch.uint8) if through_float else out
+
+
+def _shorter_side_to(hw: torch.Size, side: int) -> list[int]:
+    """(H, W) with the shorter side scaled to ``side``, the longer one in proportion (and
+    rounded down), as torchvision's Resize(int) does."""
+    height, width = hw
+    short, long = min(height, width), max(height, width)
+    other = int(side * long / short)
+    return [side, other] if height <= width else [other, side]
+
+
+def _centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` of (..., H, W), its corner rounded as torchvision's."""
+    height, width = x.shape[-2:]
+    top, left = round((height - size) / 2.0), round((width - size) / 2.0)
+    return x[..., top : top + size, left : left + size]
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1]."""
+    return images.to(torch.float32).mul_(1.0 / 255)
 
 
 def _images_nchw(images: np.ndarray) -> torch.Tensor:
