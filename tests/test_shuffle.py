@@ -237,3 +237,20 @@ def test_a_class_sorted_folder_of_photos_trains_well_above_chance(ray_local, tmp
     # Chance is 0.5. Unshuffled, each worker held one class: 0.42, 0.65, 0.98, 0.50 here,
     # a lucky epoch but no model; shuffled, every epoch after the first stays up.
     assert accs[-1] >= 0.9 and min(accs[1:]) >= 0.8, accs
+
+
+def test_a_folder_is_decoded_once_per_run_not_once_per_epoch(ray_local, tmp_path):
+    """Once the source is cached, its files can go: every epoch still reads every training
+    image, with its pixels, from the cache (a stream that decoded again would lose them)."""
+    import shutil
+
+    root = tmp_path / "photos"
+    write_class_folder(root, {"red": 10, "blue": 10, "green": 10})
+    streams = build_streams(from_dict(folder_cfg(root, tmp_path / "runs", batch_size=8)))
+    shutil.rmtree(root)
+    for epoch in (1, 2, 3):
+        ray.get(streams.clock.set.remote(epoch))
+        rows = streams.train.take_all()
+        assert len(rows) == streams.num_train == 24
+        assert all(row["image"].mean() > 20 for row in rows)  # pixels, not an empty frame
+        assert sorted(row["label"] for row in rows) == [0] * 8 + [1] * 8 + [2] * 8
