@@ -18,6 +18,19 @@ from raycv.config import Config, ScalingConfig
 
 log = logging.getLogger(__name__)
 
+# Ray Train's controller takes each worker's report off a one-slot queue every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s), and a worker whose previous report
+# is still there waits: an epoch shorter than that took 2 s whatever its work (the compress
+# stage's 40 recovery epochs of 120 images, fine-tuning; docs/benchmarks.md). A user's own
+# setting wins.
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+
+
+def train_env() -> dict[str, str]:
+    """The Ray Train settings raycv runs with: Train propagates them from the process that
+    calls ``fit`` to its controller (and Tune's trials are such processes)."""
+    return {POLL_ENV: os.environ.get(POLL_ENV, POLL_S)}
+
 
 def local_cpus(cfg: Config) -> int:
     """Logical CPUs for a local Ray: the workers' reservation plus every core again.
@@ -66,6 +79,7 @@ def ensure_ray(cfg: Config, num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, else start a local one (idempotent) with
     ``num_cpus`` logical CPUs (default: ``local_cpus``)."""
     quiet_data_progress()
+    os.environ.update(train_env())  # for this process's own fits, on any cluster
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -105,7 +119,9 @@ def start_local(num_cpus: int, dashboard_host: str, **init_args) -> str:
         dashboard_host=dashboard_host,
         dashboard_port=port,
         logging_level=verbosity.ray_level(),
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": url, **verbosity.worker_env()}},
+        runtime_env={
+            "env_vars": {"RAY_API_SERVER_ADDRESS": url, **verbosity.worker_env(), **train_env()}
+        },
         **init_args,
     )
     return url

@@ -1,5 +1,6 @@
 """A local Ray started by raycv next to another Ray on the same machine: its workers still
-reach their own cluster's State API, which Train's placement-group cleanup relies on."""
+reach their own cluster's State API, which Train's placement-group cleanup relies on; and
+the Ray Train settings every process that fits runs with."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 import ray
 from ray._private import services
 
-from raycv.session import free_port, start_local
+from raycv.config import from_dict
+from raycv.session import POLL_ENV, POLL_S, ensure_ray, free_port, start_local, train_env
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -83,5 +85,29 @@ def test_workers_reach_their_own_state_api_when_another_ray_runs(another_ray, ow
             marker = Marker.remote()
             assert ray.get(marker.ping.remote()) == "pong"
             assert ray.get(state_of.remote(marker._actor_id.hex()), timeout=60) == "ALIVE"
+        finally:
+            ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+def poll_setting() -> str | None:
+    return os.environ.get(POLL_ENV)
+
+
+def test_every_process_that_fits_has_train_poll_its_workers_often(own_ray_env, monkeypatch):
+    """Train's controller takes each report off a one-slot queue every POLL_ENV seconds
+    (Ray's default 2 s), so shorter epochs waited for it: the driver and the processes
+    Tune's trials fit in run with raycv's setting; a user's own wins."""
+    monkeypatch.setenv(POLL_ENV, "1.5")
+    assert train_env() == {POLL_ENV: "1.5"}
+    monkeypatch.delenv(POLL_ENV)
+    assert train_env() == {POLL_ENV: POLL_S}
+    if ray.is_initialized():
+        ray.shutdown()
+    with own_ray_env():
+        ensure_ray(from_dict({}))
+        try:
+            assert os.environ[POLL_ENV] == POLL_S  # this process's own fits
+            assert ray.get(poll_setting.remote(), timeout=60) == POLL_S  # a trial's process
         finally:
             ray.shutdown()
