@@ -91,7 +91,7 @@ def draw_boxes(
     if not len(boxes):
         return image.copy()
     drawn = draw_bounding_boxes(
-        torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+        torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1),  # a read-only array too
         torch.as_tensor(np.asarray(boxes, np.float32)),
         colors=[tuple(int(c) for c in rgb) for rgb in colours],
         width=width,
