@@ -155,6 +155,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the plain loop's DataLoader worker processes "
         f"(default: os.cpu_count() = {os.cpu_count()})",
     )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the seed of both: the plain loop's torch generator (its weights, shuffling and "
+        "augmentation) and raycv's seed (default 0)",
+    )
     budget.add_method_options(run, ("plain", "raycv"))
     # The plain loop's own process: this file again, told when its command was launched.
     p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
@@ -362,7 +369,7 @@ def plain_loop(args: argparse.Namespace) -> None:
     kwargs = {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate}
     train = loader(train_set, args.batch_size, shuffle=True, drop_last=True, **kwargs)
     val = loader(val_set, args.batch_size, shuffle=False, **kwargs)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = create_model(
         args.model, len(classes), args.weights, args.image_size, encoder=args.encoder
     )
@@ -476,6 +483,7 @@ def run_plain(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     cmd += [f"--plain-weight-decay={args.plain_weight_decay}"]
     cmd += [f"--plain-preset={args.plain_preset}", f"--warmup-epochs={args.warmup_epochs}"]
     cmd += [f"--loader-workers={args.loader_workers}", f"--threads={args.threads}"]
+    cmd += [f"--seed={args.seed}"]
     lines = budget.JsonLines(logs / "stdout")
     watched = budget.watch(cmd, launched, args.budget_s, lines.poll, logs)
     error = budget.failed(watched, logs)
@@ -491,6 +499,7 @@ def raycv_overrides(args: argparse.Namespace, storage: Path) -> list[str]:
         f"train.epochs={args.epochs}",
         f"experiment={EXPERIMENT}",
         f"run.storage={storage}",
+        f"seed={args.seed}",
         *args.raycv_arg,
     ]
 
