@@ -62,7 +62,7 @@ def build_streams(cfg: Config) -> Streams:
     return Streams(
         train=ordered if cfg.augments_on_worker else _augmented(ordered, augment),
         clock=clock,
-        val=_mapped(source.val, PresetStep.of(prepare), AUGMENT_BATCH),
+        val=_augmented(source.val, prepare, AUGMENT_BATCH),
         class_names=source.class_names,
         num_train=num_train,
         num_val=num_val,
@@ -81,10 +81,12 @@ def train_preset(cfg: Config) -> Preset:
     )
 
 
-def _augmented(ds: ray.data.Dataset, preset: Preset) -> ray.data.Dataset:
-    """``preset`` run on each gathered chunk (data/order.py) as a PresetStep: the processes
-    that only pass the plan on never import torch for it."""
-    return _mapped(ds, PresetStep.of(preset), batch_size=None)
+def _augmented(
+    ds: ray.data.Dataset, preset: Preset, batch_size: int | None = None
+) -> ray.data.Dataset:
+    """``preset`` mapped as a PresetStep (by default on each gathered chunk, data/order.py):
+    the processes that only pass the plan on never import torch for it."""
+    return _mapped(ds, PresetStep.of(preset), batch_size)
 
 
 def _mapped(ds: ray.data.Dataset, fn: Callable, batch_size: int | None) -> ray.data.Dataset:
