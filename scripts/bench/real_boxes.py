@@ -3,15 +3,16 @@
 Both train the same detector (``raycv.models.create_model`` with the config's ``model.name``,
 ``model.encoder`` and ``model.weights``, from scratch by default: ``yolo_n`` over ResNet-18 for
 ``configs/det_folder.yaml``) on the same Pascal VOC folder (by default the kangaroo photos in
-``../shared/data/kangaroo_voc``: ``ImageSets/Main/{train,val}.txt``) at the same image size S
+``../shared/data/kangaroo_voc``: ``ImageSets/Main/{train,val}.txt``) or COCO folder (``--root
+../shared/data/balloon``: ``annotations/instances_{train,val}.json``) at the same image size S
 and batch size, with as many torch threads (the raycv workers' CPUs), one after the other on
 the same cores, each for ``--budget-s`` seconds counted from its command's launch, so Python
 imports, data loading and start-up are part of what each pays:
 
 * ``plain loop``: a script in the style of torchvision's ``references/detection``, run as a
   subprocess (this file with a hidden ``--plain-loop``): a ``Dataset`` that opens each JPEG
-  with PIL and parses its VOC xml with ``xml.etree`` every epoch (``difficult`` boxes left out
-  of training; an image PIL cannot decode, such as kangaroo's truncated 00090.jpg, is skipped
+  with PIL and parses its VOC xml with ``xml.etree`` every epoch, or looks its boxes up in the
+  COCO json read once (``difficult`` and ``iscrowd`` boxes left out of training; an image PIL cannot decode, such as kangaroo's truncated 00090.jpg, is skipped
   and counted in every epoch's ``skipped_unreadable``), the references' train preset in
   ``transforms.v2`` with ``tv_tensors.BoundingBoxes`` (``--plain-preset``: ``ssdlite``, the
   default, is ``RandomIoUCrop`` + horizontal flip; ``ssd`` adds photometric distortion and
@@ -33,7 +34,7 @@ imports, data loading and start-up are part of what each pays:
 
 Both score validation the same way as far as they can: the same images (the truncated one
 skipped by both), the same boxes (VOC's 1-based minimums minus 1, clipped to the image),
-``difficult`` boxes as ``iscrowd`` (neither counted nor penalised), every photo letterboxed to
+``difficult`` and crowd boxes as ``iscrowd`` (neither counted nor penalised), every photo letterboxed to
 S x S and scored in those pixels with torchmetrics' ``MeanAveragePrecision(box_format="xyxy",
 backend="faster_coco_eval")``: ``val_map50`` (mAP@.5) and ``val_map`` (mAP@[.5:.95]). What
 differs is the pixels: raycv decodes each photo once, squeezed into a 1.15 x S working square,
@@ -48,6 +49,7 @@ hand, not in CI:
     python scripts/bench/real_boxes.py                           # 2 x 10 min on kangaroo_voc
     python scripts/bench/real_boxes.py --budget-s 300 --epochs 30
     python scripts/bench/real_boxes.py --plain-preset ssd --plain-epochs 80
+    python scripts/bench/real_boxes.py --root ../shared/data/balloon   # COCO
     python scripts/bench/real_boxes.py --root ~/data/VOC2012 --raycv-arg model.name=yolo_s
 """
 
@@ -83,6 +85,11 @@ WARMUP_FACTOR = 1e-3  # the references' warm-up starts at lr / 1000
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 VOC_CORNERS = ("xmin", "ymin", "xmax", "ymax")
+# What the plain loop's readers need of each format (VocBoxes, CocoBoxes).
+LAYOUTS = {
+    "voc": ("JPEGImages", "Annotations", "ImageSets/Main/{split}.txt"),
+    "coco": ("annotations/instances_{split}.json", "{split}/images"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,7 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=KANGAROO,
         help="Pascal VOC folder holding JPEGImages/, Annotations/<stem>.xml and "
-        "ImageSets/Main/<split>.txt (default: %(default)s)",
+        "ImageSets/Main/<split>.txt, or COCO folder holding annotations/instances_<split>.json "
+        "and <split>/images/ (default: %(default)s)",
+    )
+    data.add_argument(
+        "--source",
+        choices=tuple(LAYOUTS),
+        help="the folder's format (default: coco if it holds annotations/, else voc)",
     )
     data.add_argument("--train-split", default="train", help="(default: %(default)s)")
     data.add_argument("--val-split", default="val", help="(default: %(default)s)")
@@ -175,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     budget.check_raycv_args(p, args)
     args.root = args.root.expanduser().resolve()
+    args.source = args.source or ("coco" if (args.root / "annotations").is_dir() else "voc")
     if not args.plain_loop:
         fill_from_config(p, args)
     return args
@@ -182,16 +196,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def source_overrides(args: argparse.Namespace) -> list[str]:
     return [
-        "data.source=voc",
-        f"data.voc.root={args.root}",
-        f"data.voc.train_split={args.train_split}",
-        f"data.voc.val_split={args.val_split}",
+        f"data.source={args.source}",
+        f"data.{args.source}.root={args.root}",
+        f"data.{args.source}.train_split={args.train_split}",
+        f"data.{args.source}.val_split={args.val_split}",
     ]
 
 
 def fill_from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Options left unset take the config's values; every number must be positive; the
-    folder must have the VOC layout the plain loop reads."""
+    folder must have the layout the plain loop reads."""
     from raycv.config import ConfigError, load_config
 
     try:
@@ -206,22 +220,23 @@ def fill_from_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> No
     wd = args.plain_weight_decay
     args.plain_weight_decay = wd if wd is not None else cfg.optimizer.weight_decay
     args.model, args.encoder, args.weights = cfg.model.name, cfg.model.encoder, cfg.model.weights
-    args.classes = ",".join(cfg.data.voc.classes) if cfg.data.voc.classes else None
+    classes = getattr(cfg.data, args.source).classes
+    args.classes = ",".join(classes) if classes else None
     args.warmup_epochs = cfg.scheduler.warmup_epochs
     args.threads = max(1, round(cfg.scaling.cpus_per_worker * cfg.scaling.max_workers))
     numbers = ("image_size", "batch_size", "epochs", "plain_epochs", "budget_s", "plain_lr")
     for name in (*numbers, "loader_workers", "plain_weight_decay"):
         if getattr(args, name) < (0 if name in ("loader_workers", "plain_weight_decay") else 1e-12):
             p.error(f"--{name.replace('_', '-')} is too small (got {getattr(args, name)})")
-    for sub in ("JPEGImages", "Annotations"):
-        if not (args.root / sub).is_dir():
-            raise SystemExit(
-                f"error: {args.root / sub} is not a folder: pass --root ROOT holding "
-                "JPEGImages/, Annotations/ and ImageSets/Main/ (Pascal VOC)"
-            )
     for split in (args.train_split, args.val_split):
-        if not (args.root / "ImageSets" / "Main" / f"{split}.txt").is_file():
-            raise SystemExit(f"error: {args.root}/ImageSets/Main/{split}.txt is missing")
+        for needed in LAYOUTS[args.source]:
+            path = args.root / needed.format(split=split)
+            if not path.exists():
+                raise SystemExit(
+                    f"error: {path} is missing: pass --root holding "
+                    f"{', '.join(LAYOUTS[args.source]).replace('{split}', '<split>')} "
+                    f"({args.source}), or --train-split / --val-split"
+                )
 
 
 # ---------------------------------------------------------------- the plain loop (subprocess)
@@ -232,8 +247,16 @@ def split_stems(root: Path, split: str) -> list[str]:
     return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
-def class_names(root: Path, splits: tuple[str, ...]) -> list[str]:
-    """As raycv's VOC reader: every ``<name>`` annotated in the splits, sorted."""
+def coco_json(root: Path, split: str) -> Path:
+    return root / "annotations" / f"instances_{split}.json"
+
+
+def class_names(root: Path, source: str, splits: tuple[str, ...]) -> list[str]:
+    """As raycv's readers: COCO's categories in id order; VOC's every ``<name>`` annotated in
+    the splits, sorted."""
+    if source == "coco":
+        categories = json.loads(coco_json(root, splits[0]).read_text())["categories"]
+        return [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
     names = set()
     for split in splits:
         for stem in split_stems(root, split):
@@ -243,27 +266,21 @@ def class_names(root: Path, splits: tuple[str, ...]) -> list[str]:
     return sorted(names)
 
 
-class VocBoxes:
-    """``ImageSets/Main/<split>.txt``'s images with their VOC boxes, read every time:
-    (Image, {"boxes": BoundingBoxes, "labels", "iscrowd"}), or None for an image PIL cannot
-    decode (skipped and counted by ``collate``). ``difficult`` boxes are left out
-    (``keep_difficult`` False: training) or kept as ``iscrowd`` 1 (validation)."""
+class PhotoBoxes:
+    """A split's images with their boxes: (Image, {"boxes": BoundingBoxes, "labels",
+    "iscrowd"}), or None for an image PIL cannot decode (skipped and counted by ``collate``).
+    Boxes to ignore (VOC's ``difficult``, COCO's ``iscrowd``) are left out
+    (``keep_ignored`` False: training) or kept as ``iscrowd`` 1 (validation). Subclasses
+    list ``self.items`` and give each item's objects as (class name, x0, y0, x1, y1 pixel
+    edges, ignored)."""
 
-    def __init__(
-        self, root: Path, split: str, classes: list[str], transform, keep_difficult: bool
-    ) -> None:
-        images = {f.stem: f for f in (root / "JPEGImages").iterdir()}
-        images = {s: f for s, f in images.items() if f.suffix.lower() in IMAGE_SUFFIXES}
-        stems = split_stems(root, split)
-        self.items = [
-            (images[s], root / "Annotations" / f"{s}.xml")
-            for s in stems
-            if s in images and (root / "Annotations" / f"{s}.xml").is_file()
-        ]
-        if not self.items:
-            raise SystemExit(f"error: no image of {split}.txt has both a JPEG and an xml")
+    def __init__(self, classes: list[str], transform, keep_ignored: bool) -> None:
         self.ids = {name: i for i, name in enumerate(classes)}
-        self.transform, self.keep_difficult = transform, keep_difficult
+        self.transform, self.keep_ignored = transform, keep_ignored
+        self.items: list = []
+
+    def objects(self, i: int) -> list[tuple[str, float, float, float, float, bool]]:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.items)
@@ -274,25 +291,20 @@ class VocBoxes:
         from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as F
 
-        image_path, xml_path = self.items[i]
         try:
-            image = ImageOps.exif_transpose(Image.open(image_path)).convert("RGB")
+            image = ImageOps.exif_transpose(Image.open(self.items[i][0])).convert("RGB")
         except OSError:  # truncated or not an image: the references would crash; skip it
             return None
         width, height = image.size
         boxes, labels, crowd = [], [], []
-        for obj in ET.parse(xml_path).iter("object"):
-            difficult = (obj.findtext("difficult") or "0").strip() == "1"
-            name = (obj.findtext("name") or "").strip()
-            if name not in self.ids or (difficult and not self.keep_difficult):
+        for name, x0, y0, x1, y1, ignored in self.objects(i):
+            if name not in self.ids or (ignored and not self.keep_ignored):
                 continue
-            x0, y0, x1, y1 = (float(obj.findtext(f"bndbox/{k}")) for k in VOC_CORNERS)
-            # 1-based inclusive corners -> pixel edges, as raycv's reader (and detectron2's).
-            box = [max(0.0, x0 - 1), max(0.0, y0 - 1), min(width, x1), min(height, y1)]
+            box = [max(0.0, x0), max(0.0, y0), min(width, x1), min(height, y1)]
             if box[2] > box[0] and box[3] > box[1]:
                 boxes.append(box)
                 labels.append(self.ids[name])
-                crowd.append(int(difficult))
+                crowd.append(int(ignored))
         target = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -301,9 +313,60 @@ class VocBoxes:
             ),
             "labels": torch.tensor(labels, dtype=torch.int64),
         }
-        if self.keep_difficult:  # validation: what the metric leaves out (training: none)
+        if self.keep_ignored:  # validation: what the metric leaves out (training: none)
             target["iscrowd"] = torch.tensor(crowd, dtype=torch.int64)
         return self.transform(tv_tensors.Image(F.pil_to_tensor(image)), target)
+
+
+class VocBoxes(PhotoBoxes):
+    """``ImageSets/Main/<split>.txt``'s images; each xml parsed every time it is read, as the
+    references' VOC dataset does."""
+
+    def __init__(self, root: Path, split: str, classes: list[str], transform, keep: bool) -> None:
+        super().__init__(classes, transform, keep)
+        images = {f.stem: f for f in (root / "JPEGImages").iterdir()}
+        images = {s: f for s, f in images.items() if f.suffix.lower() in IMAGE_SUFFIXES}
+        self.items = [
+            (images[s], root / "Annotations" / f"{s}.xml")
+            for s in split_stems(root, split)
+            if s in images and (root / "Annotations" / f"{s}.xml").is_file()
+        ]
+        if not self.items:
+            raise SystemExit(f"error: no image of {split}.txt has both a JPEG and an xml")
+
+    def objects(self, i: int) -> list[tuple[str, float, float, float, float, bool]]:
+        found = []
+        for obj in ET.parse(self.items[i][1]).iter("object"):
+            x0, y0, x1, y1 = (float(obj.findtext(f"bndbox/{k}")) for k in VOC_CORNERS)
+            # 1-based inclusive corners -> pixel edges, as raycv's reader (and detectron2's).
+            ignored = (obj.findtext("difficult") or "0").strip() == "1"
+            found.append(((obj.findtext("name") or "").strip(), x0 - 1, y0 - 1, x1, y1, ignored))
+        return found
+
+
+class CocoBoxes(PhotoBoxes):
+    """``annotations/instances_<split>.json`` (read once, as the references' CocoDetection
+    does), images in ``<split>/images/``; boxes xywh; ``iscrowd`` boxes ignored."""
+
+    def __init__(self, root: Path, split: str, classes: list[str], transform, keep: bool) -> None:
+        super().__init__(classes, transform, keep)
+        data = json.loads(coco_json(root, split).read_text())
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        by_image: dict[Any, list] = {image["id"]: [] for image in data["images"]}
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            crowd = bool(a.get("iscrowd", 0))
+            by_image[a["image_id"]].append((names[a["category_id"]], x, y, x + w, y + h, crowd))
+        folder = root / split / "images"
+        self.items = [
+            (folder / image["file_name"], by_image[image["id"]]) for image in data["images"]
+        ]
+
+    def objects(self, i: int) -> list[tuple[str, float, float, float, float, bool]]:
+        return self.items[i][1]
+
+
+READERS = {"voc": VocBoxes, "coco": CocoBoxes}
 
 
 def collate(batch: list) -> tuple[list, list, int]:
@@ -360,10 +423,13 @@ def plain_loop(args: argparse.Namespace) -> None:
     deadline = args.launched_at + args.budget_s
     torch.set_num_threads(args.threads)
     splits = (args.train_split, args.val_split)
-    classes = args.classes.split(",") if args.classes else class_names(args.root, splits)
+    classes = (
+        args.classes.split(",") if args.classes else class_names(args.root, args.source, splits)
+    )
+    reader = READERS[args.source]
     preset = train_preset(args.image_size, args.plain_preset)
-    train_set = VocBoxes(args.root, args.train_split, classes, preset, keep_difficult=False)
-    val_set = VocBoxes(args.root, args.val_split, classes, eval_preset(args.image_size), True)
+    train_set = reader(args.root, args.train_split, classes, preset, keep=False)
+    val_set = reader(args.root, args.val_split, classes, eval_preset(args.image_size), keep=True)
     loader = torch.utils.data.DataLoader
     workers = args.loader_workers
     kwargs = {"num_workers": workers, "persistent_workers": workers > 0, "collate_fn": collate}
@@ -472,7 +538,8 @@ def evaluate(model, loader, shift: int, deadline: float) -> dict | None:
 def run_plain(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     launched = time.time()
     cmd = [sys.executable, __file__, "--plain-loop", f"--launched-at={launched!r}"]
-    cmd += [f"--root={args.root}", f"--train-split={args.train_split}"]
+    cmd += [f"--root={args.root}", f"--source={args.source}"]
+    cmd += [f"--train-split={args.train_split}"]
     cmd += [f"--val-split={args.val_split}", f"--model={args.model}"]
     cmd += [f"--encoder={args.encoder}"] if args.encoder else []
     cmd += [f"--weights={args.weights}"] if args.weights else []
