@@ -217,6 +217,25 @@ def summarise(
     }
 
 
+def score(value: float | None) -> str | None:
+    """A metric as the tables show it (None: an empty cell)."""
+    return None if value is None else f"{value:.3f}"
+
+
+def beats_line(
+    out: dict[str, dict[str, Any]], metric: str, claim: str, baseline: str, margin: float = 0.0
+) -> str:
+    """The goal line of a bench of raycv against a ``baseline`` method: met when raycv's
+    best ``metric`` is at least the baseline's plus ``margin``."""
+    if set(out) != {baseline, "raycv"}:
+        return f"{claim}: not checked (--only {next(iter(out))})"
+    raycv, base = (out[k]["best"][metric] if out[k]["best"] else None for k in ("raycv", baseline))
+    met = raycv is not None and (base is None or raycv >= base + margin)
+    shown = [score(v) or "no epoch" for v in (raycv, base)]
+    verdict = "met" if met else "NOT met"
+    return f"{claim}: {verdict} (raycv {shown[0]} vs {baseline} {shown[1]})"
+
+
 def run(
     args: argparse.Namespace, tmp: Path, methods: dict[str, Callable]
 ) -> dict[str, dict[str, Any]]:

@@ -286,9 +286,9 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                 f"{m['lr']:g}",
                 f"{m['epochs_within_budget']}/{m['epochs_scheduled']}",
                 m["epoch_s"],
-                _score(best.get("val_map50")),
+                budget.score(best.get("val_map50")),
                 best.get("seconds"),
-                _score(best_map.get("val_map")),
+                budget.score(best_map.get("val_map")),
                 reached.get("seconds"),
                 m["epoch1_started_s"],
                 m["latency_ms"],
@@ -309,10 +309,6 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"bench saw them (polled every {budget.POLL_S:.0f} s)",
     ]
     return "\n".join(lines)
-
-
-def _score(value: float | None) -> str | None:
-    return None if value is None else f"{value:.3f}"
 
 
 def goal_lines(out: dict[str, dict[str, Any]]) -> list[str]:

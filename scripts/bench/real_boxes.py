@@ -12,8 +12,9 @@ imports, data loading and start-up are part of what each pays:
 * ``plain loop``: a script in the style of torchvision's ``references/detection``, run as a
   subprocess (this file with a hidden ``--plain-loop``): a ``Dataset`` that opens each JPEG
   with PIL and parses its VOC xml with ``xml.etree`` every epoch, or looks its boxes up in the
-  COCO json read once (``difficult`` and ``iscrowd`` boxes left out of training; an image PIL cannot decode, such as kangaroo's truncated 00090.jpg, is skipped
-  and counted in every epoch's ``skipped_unreadable``), the references' train preset in
+  COCO json read once (``difficult`` and ``iscrowd`` boxes left out of training; an image PIL
+  cannot decode, such as kangaroo's truncated 00090.jpg, is skipped and counted in every
+  epoch's ``skipped_unreadable``), the references' train preset in
   ``transforms.v2`` with ``tv_tensors.BoundingBoxes`` (``--plain-preset``: ``ssdlite``, the
   default, is ``RandomIoUCrop`` + horizontal flip; ``ssd`` adds photometric distortion and
   zoom-out; ``hflip`` is the flip alone), then the photo **letterboxed** to S x S (its long
@@ -34,9 +35,10 @@ imports, data loading and start-up are part of what each pays:
 
 Both score validation the same way as far as they can: the same images (the truncated one
 skipped by both), the same boxes (VOC's 1-based minimums minus 1, clipped to the image),
-``difficult`` and crowd boxes as ``iscrowd`` (neither counted nor penalised), every photo letterboxed to
-S x S and scored in those pixels with torchmetrics' ``MeanAveragePrecision(box_format="xyxy",
-backend="faster_coco_eval")``: ``val_map50`` (mAP@.5) and ``val_map`` (mAP@[.5:.95]). What
+``difficult`` and crowd boxes as ``iscrowd`` (neither counted nor penalised), every photo
+letterboxed to S x S and scored in those pixels with torchmetrics'
+``MeanAveragePrecision(box_format="xyxy", backend="faster_coco_eval")``: ``val_map50``
+(mAP@.5) and ``val_map`` (mAP@[.5:.95]). What
 differs is the pixels: raycv decodes each photo once, squeezed into a 1.15 x S working square,
 and letterboxes that with one bilinear ``grid_sample`` (no antialiasing); the plain loop
 resizes the decoded photo itself (antialiased). Training differs by design: raycv crops in the
@@ -77,7 +79,6 @@ REPO = HERE.parents[1]
 # Real photos with boxes beside the checkout (../shared/data, see its README).
 KANGAROO = REPO.parent / "shared" / "data" / "kangaroo_voc"
 EXPERIMENT = "bench-real-boxes"
-METHODS = ("raycv", "plain")
 # What the bench keeps of each raycv epoch (besides its stamps and every val_ap/<class>).
 RAYCV_KEYS = ("epoch", "train_loss", "lr", "val_map", "val_map50", "val_map75")
 PRESETS = ("ssdlite", "ssd", "hflip")  # the references' DetectionPresetTrain that fit S x S
@@ -611,12 +612,12 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             (
                 names[key] + (" FAILED" if m["error"] else ""),
                 m["epochs_within_budget"],
-                _score(best.get("val_map50")),
-                _score(best.get("val_map")),
+                budget.score(best.get("val_map50")),
+                budget.score(best.get("val_map")),
                 best.get("epoch"),
                 best.get("seconds"),
-                _score(best_map),
-                _score(last.get("val_map50")),
+                budget.score(best_map),
+                budget.score(last.get("val_map50")),
                 m["epoch1_started_s"],
                 m["skipped_unreadable"],
             )
@@ -640,18 +641,9 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _score(value: float | None) -> str | None:
-    return None if value is None else f"{value:.3f}"
-
-
 def goal_line(out: dict[str, dict[str, Any]]) -> str:
     claim = "goal: raycv's best val mAP@.5 >= the plain loop's"
-    if set(out) != {"plain", "raycv"}:
-        return f"{claim}: not checked (--only {next(iter(out))})"
-    raycv, plain = (out[k]["best"]["val_map50"] if out[k]["best"] else None for k in METHODS)
-    met = raycv is not None and (plain is None or raycv >= plain)
-    shown = ("no epoch" if v is None else f"{v:.3f}" for v in (raycv, plain))
-    return f"{claim}: {'met' if met else 'NOT met'} (raycv {next(shown)} vs plain {next(shown)})"
+    return budget.beats_line(out, "val_map50", claim, "plain")
 
 
 def main(argv: list[str] | None = None) -> int:

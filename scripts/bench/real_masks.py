@@ -55,7 +55,6 @@ REPO = HERE.parents[1]
 # Real photos with masks beside the checkout (../shared/data, see its README).
 BALLOON = REPO.parent / "shared" / "data" / "balloon"
 EXPERIMENT = "bench-real-masks"
-METHODS = ("raycv", "plain")
 # What the bench keeps of each raycv epoch (besides its stamps and every val_iou/<class>).
 RAYCV_KEYS = ("epoch", "train_loss", "train_miou", "val_loss", "val_miou", "val_pixel_acc")
 IGNORE = 255  # mask value left out of loss and metrics (raycv's data.ignore_index default)
@@ -393,7 +392,7 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                 names[key] + (" FAILED" if m["error"] else ""),
                 m["epochs_within_budget"],
                 f"{best['val_miou']:.3f}" if best else None,
-                *(_iou(best.get(f"val_iou/{c}")) for c in classes[1:]),
+                *(budget.score(best.get(f"val_iou/{c}")) for c in classes[1:]),
                 best.get("epoch"),
                 best.get("seconds"),
                 f"{last['val_miou']:.3f}" if last else None,
@@ -418,18 +417,9 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _iou(value: float | None) -> str | None:
-    return None if value is None else f"{value:.3f}"
-
-
 def goal_line(out: dict[str, dict[str, Any]]) -> str:
     claim = "goal: raycv's best val mIoU >= the plain loop's"
-    if set(out) != {"plain", "raycv"}:
-        return f"{claim}: not checked (--only {next(iter(out))})"
-    raycv, plain = (out[k]["best"]["val_miou"] if out[k]["best"] else None for k in METHODS)
-    met = raycv is not None and (plain is None or raycv >= plain)
-    shown = ("no epoch" if v is None else f"{v:.3f}" for v in (raycv, plain))
-    return f"{claim}: {'met' if met else 'NOT met'} (raycv {next(shown)} vs plain {next(shown)})"
+    return budget.beats_line(out, "val_miou", claim, "plain")
 
 
 def main(argv: list[str] | None = None) -> int:

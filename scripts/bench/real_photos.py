@@ -250,18 +250,7 @@ def report(out: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
 
 def goal_line(out: dict[str, dict[str, Any]]) -> str:
     claim = f"goal: raycv >= seed recipe + {GOAL * 100:.0f} points"
-    if set(out) != {"seed", "raycv"}:
-        return f"{claim}: not checked (--only {next(iter(out))})"
-    raycv, seed = (out[k]["best"]["val_acc"] if out[k]["best"] else None for k in ("raycv", "seed"))
-    met = raycv is not None and (seed is None or raycv >= seed + GOAL)
-    return (
-        f"{claim}: {'met' if met else 'NOT met'} "
-        f"(raycv {_accuracy(raycv)} vs seed {_accuracy(seed)})"
-    )
-
-
-def _accuracy(value: float | None) -> str:
-    return "no epoch" if value is None else f"{value:.3f}"
+    return budget.beats_line(out, "val_acc", claim, "seed", GOAL)
 
 
 def main(argv: list[str] | None = None) -> int:
