@@ -117,9 +117,7 @@ def run_export(artifact: str | Path, run: RunFolder | None = None) -> RunFolder:
         export_torchscript(exported, spec, run.path / TORCHSCRIPT_FILE)
         export_onnx(exported, spec, run.path / ONNX_FILE)
         export_s = time.perf_counter() - started
-        diffs = verify(
-            exported, cfg.model.image_size, run.path / TORCHSCRIPT_FILE, run.path / ONNX_FILE, spec
-        )
+        diffs = verify(exported, run.path / TORCHSCRIPT_FILE, run.path / ONNX_FILE, spec)
     except Exception as e:  # the folder says it failed; a mismatching file never looks shipped
         error = {"error": f"{type(e).__name__}: {e}"}
         write_manifest(run, cfg, "failed", error, kind="export", parent=parent)
@@ -269,36 +267,28 @@ def check_shapes(
     return [(CHECK_BATCH, 3, h, w) for h, w in sides] + [(1, 3, *sides[-1])]
 
 
-def verify(
-    model: nn.Module,
-    image_size: int,
-    torchscript: Path,
-    onnx: Path,
-    spec: ExportSpec | None = None,
-) -> dict[str, float]:
-    """Max absolute logit difference of each saved file against ``model`` on seeded random
-    inputs at each (height, width) of ``spec.check_sides`` (default: ``image_size`` square,
-    logits); raises RuntimeError if either exceeds the tolerance."""
-    sides = spec.check_sides if spec else [(image_size, image_size)]
-    output, atol = (spec.output_name, spec.atol) if spec else ("logits", 1e-4)
+def verify(model: nn.Module, torchscript: Path, onnx: Path, spec: ExportSpec) -> dict[str, float]:
+    """Max absolute difference of each saved file's output against ``model``'s on seeded
+    random inputs at each (height, width) of ``spec.check_sides``; raises RuntimeError if
+    either exceeds ``spec.atol`` (plus RTOL of the value)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
     with _quiet_torchscript():
         scripted = torch.jit.load(str(torchscript), map_location="cpu").eval()
     diffs = {"torchscript_max_abs_diff": 0.0, "onnx_max_abs_diff": 0.0}
-    for shape in check_shapes(sides, spec.fixed_batch if spec else None):
+    for shape in check_shapes(spec.check_sides, spec.fixed_batch):
         batch = _example(shape)
         with torch.no_grad():
             expected = model(batch).numpy()
             with _quiet_torchscript():
                 from_script = scripted(batch).numpy()
-        from_onnx = session.run([output], {INPUT_NAME: batch.numpy()})[0]
+        from_onnx = session.run([spec.output_name], {INPUT_NAME: batch.numpy()})[0]
         for key, what, actual in (
             ("torchscript_max_abs_diff", "TorchScript", from_script),
             ("onnx_max_abs_diff", "ONNX", from_onnx),
         ):
-            diffs[key] = max(diffs[key], _checked_diff(what, shape, actual, expected, atol))
+            diffs[key] = max(diffs[key], _checked_diff(what, shape, actual, expected, spec.atol))
     return diffs
 
 

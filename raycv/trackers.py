@@ -258,16 +258,32 @@ def _quiet(library: str) -> None:
 # ------------------------------------------------------------------------- the trackers
 
 
+_tb_writers: dict[str, Any] = {}  # per process, by events folder
+
+
 @TRACKERS.register("tensorboard")
 class TensorBoard(Tracker):
-    """Events in the run folder's tb/ (``tensorboard --logdir runs``)."""
+    """Events in the run folder's tb/ (``tensorboard --logdir runs``): one event file per
+    process that records the run (a resumed run adds one), flushed after every epoch so
+    that a run that stops early keeps what it logged."""
+
+    def __init__(self, cfg: Config, run: RunFolder) -> None:
+        self.folder = str(run.tensorboard)
 
     def log_epoch(self, run: RunFolder, row: dict[str, Any]) -> None:
-        from tensorboardX import SummaryWriter
+        writer = _tb_writers.get(self.folder)
+        if writer is None:
+            from tensorboardX import SummaryWriter
 
-        with SummaryWriter(str(run.tensorboard)) as writer:
-            for key, value in numeric(row).items():
-                writer.add_scalar(key, value, row["epoch"])
+            writer = _tb_writers[self.folder] = SummaryWriter(self.folder)
+        for key, value in numeric(row).items():
+            writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+
+    def close(self) -> None:
+        writer = _tb_writers.pop(self.folder, None)
+        if writer is not None:
+            writer.close()
 
 
 _mlflow_clients: dict[str, Any] = {}  # per process, by tracking URI

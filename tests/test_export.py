@@ -23,6 +23,7 @@ from raycv.export import verify
 from raycv.models import create_model
 from raycv.pruning import prune_model
 from raycv.runs import RunFolder, write_manifest
+from raycv.tasks import build_task
 
 # torch.jit.load warns that TorchScript is deprecated; the export itself silences it.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
@@ -144,12 +145,12 @@ def test_model_card_states_classes_preprocessing_and_lineage(exported):
 def test_a_model_that_differs_from_the_files_is_refused(exported):
     run = exported["run"]
     other = create_model("resnet18", len(CLASSES), None, 32).eval()  # fresh weights
+    spec = build_task(from_dict({}), CLASSES).export_spec(32, None)
+    files = (run.path / "model.torchscript.pt", run.path / "model.onnx")
     with pytest.raises(RuntimeError, match="TorchScript export differs from PyTorch"):
-        verify(other, 32, run.path / "model.torchscript.pt", run.path / "model.onnx")
-    diffs = verify(
-        exported["model"], 32, run.path / "model.torchscript.pt", run.path / "model.onnx"
-    )
-    assert max(diffs.values()) < 1e-4
+        verify(other, *files, spec)
+    diffs = verify(exported["model"], *files, spec)
+    assert max(diffs.values()) < spec.atol
 
 
 def test_channel_pruned_model_exports_with_its_narrow_shapes(

@@ -234,11 +234,30 @@ def _wandb_run(folder: Path, run_id: str) -> dict:
     return found
 
 
+def _tb_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each event file in ``folder`` (by name) with its val_acc scalars as (step, value):
+    TFRecords (length, its crc, an Event protobuf, its crc), read with tensorboardX's proto."""
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos, scalars = path.read_bytes(), 0, []
+        while pos < len(data):
+            length = int.from_bytes(data[pos : pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 16 + length
+            values = event.summary.value
+            scalars += [(event.step, v.simple_value) for v in values if v.tag == "val_acc"]
+        found[path.name] = scalars
+    return found
+
+
 def _snapshot(run: Path, uri: str, printed: str) -> dict:
     state = json.loads((run / "trackers.json").read_text())
     return {
         "printed": printed,
         "state": state,
+        "tensorboard": _tb_events(run / "tb"),
         "best": json.loads((run / "manifest.json").read_text())["metrics"]["best"],
         "mlflow": _mlflow_store(uri),
         "wandb": _wandb_run(run, state["wandb"]["id"]) if HAS_WANDB else None,
@@ -274,6 +293,19 @@ def test_an_mlflow_file_store_holds_the_runs_params_and_one_metric_row_per_epoch
         json.loads(line) for line in (tracked["run"] / "metrics.jsonl").read_text().splitlines()
     ]
     assert [value for _, value in store["history"]["val_acc"]] == [r["val_acc"] for r in rows[:2]]
+
+
+@pytest.mark.slow
+def test_tensorboard_writes_one_event_file_per_process_with_every_epoch(tracked):
+    rows = [
+        json.loads(line) for line in (tracked["run"] / "metrics.jsonl").read_text().splitlines()
+    ]
+    first, resumed = tracked["first"]["tensorboard"], tracked["resumed"]["tensorboard"]
+    assert len(first) == 1  # not a file per epoch
+    (scalars,) = first.values()
+    assert scalars == [(r["epoch"], pytest.approx(r["val_acc"])) for r in rows[:2]]
+    assert len(resumed) == 2  # the resumed run's process adds its own
+    assert sorted(step for file in resumed.values() for step, _ in file) == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -84,6 +84,17 @@ class EvalResult:
     summary: str
 
 
+def per_class_lines(scores: dict[str, float | None], score: str, column: str, cells) -> list[str]:
+    """An eval summary's per-class table: each class's ``score`` (``-`` where there was
+    nothing to score) and one more ``column`` from ``cells``, in class order."""
+    width = max(map(len, [*scores, "class"]))
+    lines = [f"  {'class'.ljust(width)}  {score.ljust(6)}  {column}"]
+    for (name, value), cell in zip(scores.items(), cells):
+        shown = "-     " if value is None else f"{value:.4f}"
+        lines.append(f"  {name.ljust(width)}  {shown}  {cell}")
+    return lines
+
+
 class EvalReport(Protocol):
     """``raycv eval``'s one pass over the validation split, in the driver."""
 

@@ -20,7 +20,7 @@ from raycv.data.augment import displayable
 from raycv.data.masks import open_upright
 from raycv.errors import BadImageError
 from raycv.overlays import box_colours, draw_boxes, jpeg
-from raycv.tasks.base import EvalResult, in_listing_order
+from raycv.tasks.base import EvalResult, in_listing_order, per_class_lines
 from raycv.tasks.detection_metrics import Boxes, coco_map
 from raycv.tasks.segmentation_outputs import OVERLAY_SIDE, OVERLAYS, output_names
 
@@ -110,16 +110,13 @@ class BoxReport:
             torch.cat([t["labels"] for t in self.truths]).numpy(),
             minlength=len(self.task.class_names),
         )
-        width = max(map(len, [*self.task.class_names, "class"]))
-        lines = [
+        head = (
             f"mAP {metrics['map']:.4f} (mAP@.5 {metrics['map50']:.4f}, mAP@.75 "
-            f"{metrics['map75']:.4f}) on {metrics['images']} images, {metrics['boxes']} boxes",
-            f"  {'class'.ljust(width)}  AP      boxes",
-        ]
-        for (name, ap), count in zip(metrics["per_class_ap"].items(), counts):
-            shown = "-     " if ap is None else f"{ap:.4f}"  # "-": no true box to score
-            lines.append(f"  {name.ljust(width)}  {shown}  {count}")
-        return "\n".join(lines)
+            f"{metrics['map75']:.4f}) on {metrics['images']} images, {metrics['boxes']} boxes"
+        )
+        # AP "-": no true box of the class to score
+        table = per_class_lines(metrics["per_class_ap"], "AP", "boxes", counts)
+        return "\n".join([head, *table])
 
 
 def image_f1(found: Boxes, truth: Boxes) -> float:

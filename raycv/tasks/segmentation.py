@@ -9,9 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
-from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from raycv.data.augment import displayable
 from raycv.models import MODELS
@@ -41,6 +39,9 @@ class SegmentationEvaluator(SummedEvaluator):
         self.task = task
 
     def process(self, batch: dict[str, torch.Tensor], outputs: Any, losses: dict) -> None:
+        # Imported here for the reason Segmentation.__init__ gives.
+        from torchmetrics.functional.classification import multiclass_confusion_matrix
+
         predicted = self.task.logits(outputs).detach().argmax(dim=1)
         confusion = multiclass_confusion_matrix(
             predicted,
@@ -79,6 +80,11 @@ class Segmentation:
     distills: ClassVar[bool] = True
 
     def __init__(self, class_names: list[str], cfg) -> None:
+        # Imported here: every run's driver and training workers load this module, and
+        # torchmetrics (with the matplotlib it imports) adds about 0.6 s to the start of
+        # each; only a segmentation run needs it, or smp's losses.
+        from segmentation_models_pytorch.losses import DiceLoss
+
         self.class_names = list(class_names)
         self.ignore_index = cfg.data.ignore_index
         self.aux_weight = MODELS.get(cfg.model.name).aux_weight

@@ -18,7 +18,7 @@ from raycv.data.augment import displayable
 from raycv.data.masks import open_upright
 from raycv.errors import BadImageError
 from raycv.overlays import jpeg, legend, mask_png, overlay, palette
-from raycv.tasks.base import EvalResult, in_listing_order
+from raycv.tasks.base import EvalResult, in_listing_order, per_class_lines
 from raycv.tasks.iou import image_confusions, mean_iou, segmentation_scores
 
 if TYPE_CHECKING:
@@ -95,16 +95,14 @@ class IoUReport:
 
     def _summary(self, metrics: dict[str, Any]) -> str:
         truth = self.confusion.sum(axis=1)
-        width = max(map(len, [*self.class_names, "class"]))
-        lines = [
+        head = (
             f"mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_acc']:.4f} on "
-            f"{self.images} images ({truth.sum():,} labelled pixels)",
-            f"  {'class'.ljust(width)}  IoU     share of pixels",
-        ]
-        for (name, iou), count in zip(metrics["per_class_iou"].items(), truth):
-            shown = "-     " if iou is None else f"{iou:.4f}"  # "-": in neither truth nor output
-            lines.append(f"  {name.ljust(width)}  {shown}  {count / max(truth.sum(), 1):.1%}")
-        return "\n".join(lines)
+            f"{self.images} images ({truth.sum():,} labelled pixels)"
+        )
+        shares = [f"{count / max(truth.sum(), 1):.1%}" for count in truth]
+        # IoU "-": the class is in neither truth nor output
+        table = per_class_lines(metrics["per_class_iou"], "IoU", "share of pixels", shares)
+        return "\n".join([head, *table])
 
 
 @dataclass(frozen=True)
