@@ -17,36 +17,23 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycv import checkpoint, plots, trackers, verbosity
+from raycv import checkpoint, plots, trackers
 from raycv import storage as remote
 from raycv.checkpoint import EPOCH_DIR, checkpoint_epochs
 from raycv.config import Config, ConfigError, dump_config, load_saved
+from raycv.controller import RecordReports, train_func
 from raycv.data.pipeline import build_streams
 from raycv.distill import check_teacher_classes, resolve_teacher
 from raycv.doctor import require_fit
 from raycv.errors import DataError, NonFiniteLossError, RunFailedError
 from raycv.finetune.sources import apply_source
-from raycv.loop import RunInfo, recorder, train_func
+from raycv.loop import RunInfo, recorder
 from raycv.progress import mode as progress_mode
 from raycv.resume import LOCATORS, TRAINING, resumed_config
-from raycv.runs import MetricsRecorder, RunFolder, read_metrics, require_path, write_manifest
+from raycv.runs import RunFolder, read_metrics, require_path, write_manifest
 from raycv.session import ensure_ray
 
 log = logging.getLogger(__name__)
-
-
-class _RecordReports(ray.train.UserCallback):
-    """Runs on the Train controller: records each epoch that the workers report."""
-
-    def __init__(self, recorder: MetricsRecorder, progress: bool = True) -> None:
-        self.recorder = recorder
-        self.progress = progress
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        # The controller is a fresh process; sweep trials stay quiet (the trial table speaks).
-        if self.progress:
-            verbosity.configure(verbose_flag=False)  # RAYCV_LOG_LEVEL came with the env
-        self.recorder.record(metrics, checkpoint.path if checkpoint else None)
 
 
 def prepare_run(
@@ -156,7 +143,7 @@ def fit(
             storage_path=run.where,  # for a run on object storage, straight to the store
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=max_failures(cfg)),
-            callbacks=[_RecordReports(recorder(cfg, run, trackers=started), progress), *callbacks],
+            callbacks=[RecordReports(recorder(cfg, run, trackers=started), progress), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress lines instead
             # Train's workers send print() through a logger that writes each line twice, once
             # with a blank line after it: a progress bar's state must reach the driver once.

@@ -164,3 +164,37 @@ def test_the_summary_says_how_long_the_epochs_waited_for_their_first_batch():
     assert first_batches([{"epoch": 1}]) == "-"  # a run recorded before the key existed
     table = summary_table(history, history[-1], [], "val_acc")
     assert "  first batch               12.3 s (epoch 3), later epochs 0.2-0.5 s" in table
+
+
+UNPICKLE_ELSEWHERE = """
+import pickle, sys
+pickle.loads(sys.stdin.buffer.read())
+print(",".join(m for m in sys.argv[1:] if m in sys.modules))
+"""
+
+
+def test_the_train_controller_gets_the_loop_without_importing_it(tmp_path):
+    """Ray Train's controller unpickles the train function and the callbacks before it
+    starts the workers: what it gets must not import the loop and its torchvision,
+    torch-pruning, timm or torchmetrics (about 1.5 s on the way to the first step). The
+    workers import the loop where they run it."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle
+
+    from raycv.controller import RecordReports, train_func
+    from raycv.loop import recorder
+    from raycv.runs import RunFolder
+    from raycv.sweep.report import ReportToTune  # built only inside Tune: its class, then
+
+    reports = RecordReports(recorder(from_dict({}), RunFolder(tmp_path)))
+    shipped = ray.cloudpickle.dumps([train_func, reports, ReportToTune])
+    heavy = ["raycv.loop", "torchvision", "torch_pruning", "timm", "torchmetrics"]
+    imported = subprocess.run(
+        [sys.executable, "-c", UNPICKLE_ELSEWHERE, *heavy],
+        input=shipped,
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert imported.decode().strip() == ""

@@ -9,29 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from raycv.config import dump_config, validate
 from raycv.runs import RunFolder, read_metrics
 from raycv.session import quiet_data_progress
-from raycv.sweep.objective import Objective, make_objective
+from raycv.sweep.objective import make_objective
+from raycv.sweep.report import ReportToTune
 from raycv.sweep.space import apply_sample
 from raycv.train import finish, fit
 
 ATTEMPTS_FILE = "attempts"
-
-
-class ReportToTune(TuneReportCallback):
-    """Tune's report callback, with the objective's derived values added to rank 0's
-    metrics (e.g. the penalised score of a constrained sweep)."""
-
-    def __init__(self, objective: Objective) -> None:
-        super().__init__()
-        self.objective = objective
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        first = metrics[0] | self.objective.extra(metrics[0])
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
 def _finished(run: RunFolder) -> bool:
