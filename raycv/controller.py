@@ -2,9 +2,9 @@
 
 The controller is a fresh process that unpickles the train function and the callbacks
 before it starts the workers. With the train function in ``raycv.loop``, the controller
-imported the loop's dependencies (torchvision, torch-pruning and the timm it imports, Ray
-Data: about 4 s on 2 cores) before any worker started, and each worker imported them again:
-twice on the way to the first step. Now the controller loads this module and
+imported the loop's dependencies (torchvision, torch-pruning and the timm it imports) before
+any worker started, and each worker imported them again: 2.8 s more on the way to the first
+step on 2 cores (docs/benchmarks.md, start-up). Now the controller loads this module and
 ``raycv.runs`` (torch, which Ray's TorchConfig imports there anyway); the loop is imported
 by the workers that run it."""
 

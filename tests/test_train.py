@@ -176,7 +176,7 @@ print(",".join(m for m in sys.argv[1:] if m in sys.modules))
 def test_the_train_controller_gets_the_loop_without_importing_it(tmp_path):
     """Ray Train's controller unpickles the train function and the callbacks before it
     starts the workers: what it gets must not import the loop and its torchvision,
-    torch-pruning, timm or torchmetrics (about 1.5 s on the way to the first step). The
+    torch-pruning, timm or torchmetrics (about 3 s on the way to the first step). The
     workers import the loop where they run it."""
     import subprocess
     import sys
