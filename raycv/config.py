@@ -725,8 +725,8 @@ def _mode_of(metric: str) -> str:
 
 def _check_encoder(cfg: Config, spec) -> None:
     encoder = cfg.model.encoder
-    if encoder is None:
-        return
+    if encoder is None or encoder == spec.encoder:
+        return  # the default needs no look-up (smp's names import timm and torchvision)
     if spec.encoders is None:
         raise ValueError(
             f"model.encoder is for unet, pspnet, deeplabv3plus and yolo_*, not {cfg.model.name}"
@@ -784,7 +784,7 @@ def _check_pruning(cfg: Config) -> None:
     _check_distillation(cfg)
     if c.quantize is not None:
         from raycv.models import MODELS
-        from raycv.quantization import QUANTIZERS  # torchao: imported only when asked for
+        from raycv.quantizers import QUANTIZERS
 
         name = c.student or cfg.model.name
         if name in MODELS and not MODELS.get(name).quantizable:

@@ -9,11 +9,10 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
@@ -52,34 +51,31 @@ PRUNERS: Registry[Pruner] = Registry("pruner")
 
 @dataclass(frozen=True)
 class Importance:
-    """How channels are ranked; ``needs_gradients``: on a few labelled training batches."""
+    """How channels are ranked: torch-pruning's importance class ``kind`` with ``options``;
+    ``needs_gradients``: on a few labelled training batches."""
 
-    build: Callable[[], tp.importance.Importance]
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
     needs_gradients: bool = False
+
+    def build(self) -> Any:
+        # Imported where used: torch-pruning imports timm and torchvision (0.9 s), and every
+        # command's driver imports this registry to validate its config.
+        import torch_pruning as tp
+
+        return getattr(tp.importance, self.kind)(**self.options)
 
 
 IMPORTANCES: Registry[Importance] = Registry("importance")
-IMPORTANCES.add("l1", Importance(functools.partial(tp.importance.MagnitudeImportance, p=1)))
-IMPORTANCES.add("l2", Importance(functools.partial(tp.importance.MagnitudeImportance, p=2)))
+IMPORTANCES.add("l1", Importance("MagnitudeImportance", {"p": 1}))
+IMPORTANCES.add("l2", Importance("MagnitudeImportance", {"p": 2}))
 # First-order Taylor: |weight x d loss / d weight| summed per channel, the loss change that
 # removing the channel would cause (Molchanov et al. 2019).
-IMPORTANCES.add("taylor", Importance(tp.importance.TaylorImportance, needs_gradients=True))
+IMPORTANCES.add("taylor", Importance("TaylorImportance", needs_gradients=True))
 # One function per training batch: given the model, that batch's loss summed over its
 # images (the task's loss, so classifiers and segmenters rank channels alike).
 Batches = Iterable[Callable[[nn.Module], torch.Tensor]]
 Trace = Callable[[nn.Module, torch.Tensor], Any]  # the forward pass a pruner follows
-
-
-class _RoundedPruner(tp.pruner.BasePruner):
-    """torch-pruning's pruner, except that ``round_to`` never rounds a layer away."""
-
-    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        # torch-pruning rounds the kept count down to a multiple of round_to; below round_to
-        # that is 0 and it then skips the layer, so a higher ratio could leave a bigger model
-        # (resnet18 at ratio 0.9 kept its whole 64-channel stage). Keep round_to instead.
-        kept = current_channels - n_pruned
-        kept = max(kept - kept % round_to, min(round_to, current_channels))
-        return current_channels - kept
 
 
 def _forward_with_aux_heads(model: nn.Module, example_inputs: torch.Tensor) -> Any:
@@ -112,13 +108,15 @@ class ChannelPruner:
         batches: Batches = (),
         trace: Trace | None = None,
     ) -> nn.Module:
+        from raycv.rounded_pruner import RoundedPruner  # torch-pruning: see Importance.build
+
         was_training = model.training
         importance = IMPORTANCES.get(cfg.importance)
         with warnings.catch_warnings():
             # ConvNeXt's layer_scale (C, 1, 1) is a bare parameter; torch-pruning prunes its
             # last non-singleton dim, the right one, but warns about it on every build.
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            pruner = _RoundedPruner(
+            pruner = RoundedPruner(
                 model,
                 example_inputs,
                 importance=importance.build(),

@@ -1,5 +1,5 @@
-"""Post-training int8 quantization by name: ``QUANTIZERS`` maps a method to the quantizer
-that marks what an exported graph computes in int8; ``quantize`` is the one entry point
+"""Post-training int8 quantization by name (``raycv.quantizers.QUANTIZERS``); ``quantize`` is
+the one entry point
 (export, prepare, calibrate, convert); ``save_quantized`` / ``load_quantized`` keep the
 result as a ``torch.export`` archive (``.pt2``) that loads without unpickling code.
 
@@ -34,32 +34,13 @@ from torchao.quantization.pt2e import (
     move_exported_model_to_eval,
 )
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
-from torchao.quantization.pt2e.quantizer import Quantizer
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-    X86InductorQuantizer,
-    get_default_x86_inductor_quantization_config,
-)
 
-from raycv.registry import Registry
-
-# name -> quantizer, for post-training (qat=False) or quantization-aware training (qat=True)
-QUANTIZERS: Registry[Callable[[bool], Quantizer]] = Registry("quantizer")
+from raycv.quantizers import QUANTIZERS
 
 # Exported graphs take any batch size; an example batch of 2 keeps export from
 # specialising the batch dimension to 1.
 _BATCH = torch.export.Dim("batch", min=1)
 _EXAMPLE_BATCH = 2
-
-
-@QUANTIZERS.register("int8")
-def x86_int8(qat: bool = False) -> Quantizer:
-    """Static int8 for x86 CPUs (oneDNN kernels through inductor): activations uint8 per
-    tensor from histograms of the calibration batches (or learnt ranges in QAT), weights
-    int8 per output channel (symmetric); conv, linear, pooling and flatten quantized,
-    BatchNorm folded."""
-    quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
-    return quantizer
 
 
 def quantize(

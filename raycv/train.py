@@ -17,7 +17,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycv import checkpoint, plots, trackers
+from raycv import checkpoint, trackers
 from raycv import storage as remote
 from raycv.checkpoint import EPOCH_DIR, checkpoint_epochs
 from raycv.config import Config, ConfigError, dump_config, load_saved
@@ -257,6 +257,8 @@ def finish(
     summary: bool = True,
 ) -> RunFolder:
     """Curves, the manifest with final and best metrics, and the summary table."""
+    from raycv import plots  # matplotlib (0.4 s): not on the way to the first step
+
     history = read_metrics(run.metrics)
     curves = plots.training_curves(history, run.plots / "curves.png") if history else None
     best = recorder(cfg, run).best(history)

@@ -22,7 +22,8 @@ from torch import nn
 from raycv.config import Config, from_dict
 from raycv.data import shapes
 from raycv.data.augment import build_preset, normalize
-from raycv.quantization import QUANTIZERS, load_quantized, quantize, save_quantized
+from raycv.quantization import load_quantized, quantize, save_quantized
+from raycv.quantizers import QUANTIZERS
 
 Q = torch.ops.quantized_decomposed
 # The briefly trained model saw images 0..63; calibration and evaluation use later ones.

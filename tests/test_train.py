@@ -198,3 +198,32 @@ def test_the_train_controller_gets_the_loop_without_importing_it(tmp_path):
         check=True,
     ).stdout
     assert imported.decode().strip() == ""
+
+
+DRIVER = """
+import sys
+from raycv import cli, pipeline, train
+from raycv.config import load_config
+for name in ("quickstart", "det_quickstart", "seg_quickstart", "sweep"):
+    load_config(f"configs/{name}.yaml", ["prune.ratio=0.3"])  # quickstart: int8 too
+print(",".join(m for m in sys.argv[1:] if m in sys.modules))
+"""
+
+
+def test_a_command_validates_its_config_without_the_workers_imports():
+    """Every command's driver validates its config against the registries (models,
+    pruners, quantizers) before it starts Ray: the registries must not import what only
+    building or running their entries needs (torchvision's ops import torch._dynamo,
+    torch-pruning timm, the quantizers torchao with inductor: 2.5-4 s of a command's
+    start on 2 cores). Nor does the train command's driver draw a plot before training."""
+    import subprocess
+    import sys
+
+    heavy = ["torchvision", "torch._dynamo", "torch_pruning", "timm", "torchao", "matplotlib"]
+    imported = subprocess.run(
+        [sys.executable, "-c", DRIVER, *heavy],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert imported.decode().strip() == ""

@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import clip_boxes_to_image
 
 from raycv.models.registry import DenseOutput
 
@@ -36,6 +34,11 @@ Scores = Callable[[dict[str, Tensor]], Tensor]  # the head's outputs -> (B, A, C
 
 def dense_rows(model: nn.Module, images: Tensor, scores: Scores) -> Tensor:
     """(B, A, 4 + C): each anchor's box in ``images``' pixels, then its class scores."""
+    # Imported here, as everywhere in raycv.models: torchvision.ops imports torch._dynamo
+    # (1.2 s), and every command's driver imports this registry to validate its config.
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import clip_boxes_to_image
+
     height, width = images.shape[-2:]
     x = _transformed(model.transform, images)
     rows, cols = x.shape[-2:]  # resized, before padding: where torchvision clips boxes

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from raycv.models.registry import MODELS, Backbone, DenseOutput, ModelSpec
 from raycv.models.yolo_loss import detection_losses
@@ -223,6 +222,8 @@ class YOLO(nn.Module):
 
     @staticmethod
     def _dense(logits: Tensor, boxes: Tensor, sides: tuple[int, int]) -> Tensor:
+        from torchvision.ops import clip_boxes_to_image  # see detection_dense.dense_rows
+
         boxes = clip_boxes_to_image(boxes.float(), tuple(sides))  # float: NMS under autocast
         return torch.cat([boxes, logits.float().sigmoid()], -1)
 
@@ -230,6 +231,8 @@ class YOLO(nn.Module):
     def detections(self, scores: Tensor, boxes: Tensor) -> list[dict[str, Tensor]]:
         """Per image: the (anchor, class) pairs above the threshold, best ``pre_nms_top_k``,
         non-maximum suppression per class, best ``max_detections``."""
+        from torchvision.ops import batched_nms  # see detection_dense.dense_rows
+
         out = []
         for s, b in zip(scores, boxes):
             flat = s.flatten()  # anchor-major: index = anchor * C + class

@@ -29,7 +29,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
 EPS = 1e-9
 
@@ -142,6 +141,8 @@ def detection_losses(
 ) -> dict[str, Tensor]:
     """``loss_cls`` and ``loss_box`` of class ``logits`` (B, A, C) and decoded
     ``pred_boxes`` (B, A, 4) xyxy pixels at anchor points ``anchors`` (A, 2)."""
+    from torchvision.ops import generalized_box_iou_loss  # see detection_dense.dense_rows
+
     # float32 under autocast too: IoUs and the loss normaliser need the precision.
     logits, pred_boxes = logits.float(), pred_boxes.float()
     gt = pad_targets(targets, logits.device)

@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
 from raycv.data.augment import displayable
 from raycv.data.masks import open_upright
@@ -124,6 +123,10 @@ def image_f1(found: Boxes, truth: Boxes) -> float:
     ones left out) is found by at most one detection of its class at IoU ``MATCH_IOU`` or
     more, the best-scoring first, as COCO matches. 1 when there is nothing to find and
     nothing was found."""
+    # Imported here: torchvision.ops imports torch._dynamo (1.2 s), and the driver imports
+    # this module with the task registry only to validate a config.
+    from torchvision.ops import box_iou
+
     keep = truth["iscrowd"] == 0
     boxes, labels = truth["boxes"][keep], truth["labels"][keep]
     shown = found["scores"] >= SHOWN_SCORE
