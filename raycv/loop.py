@@ -121,8 +121,11 @@ def train_func(payload: dict[str, Any]) -> None:
     model = build_model(cfg, len(info.class_names))
     # What the model costs, measured once before training (rank 0 alone, so that the
     # latency is not timed while another worker competes for the same cores).
-    stats = model_stats.as_metrics(model_stats.measure(model, cfg.model.image_size))
-    stats = stats if rank == 0 else {}
+    stats = (
+        model_stats.as_metrics(model_stats.measure(model, cfg.model.image_size))
+        if rank == 0
+        else {}
+    )
     torch.manual_seed(cfg.seed + rank)  # after building: every rank must build the same model
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

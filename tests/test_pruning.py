@@ -271,6 +271,14 @@ def test_resnet18_macs_match_the_published_count():
     assert 36e6 < model_stats.count_macs(build(), SIZE) < 38e6
 
 
+def test_vit_macs_count_its_attention():
+    # torchvision lists 17.56 GFLOPS (MACs) for vit_b_16 at 224 px: its projections, MLPs
+    # and the attention itself, which eval mode runs as kernels the counter must know.
+    model = build("vit_b_16", 224)
+    assert model_stats.count_macs(model, 224) == pytest.approx(17.56e9, rel=0.002)
+    assert model.training and torch.backends.mha.get_fastpath_enabled()  # both restored
+
+
 def test_latency_is_timed_and_settings_restored():
     model = build().train()
     torch.set_num_threads(2)
