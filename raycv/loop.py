@@ -25,7 +25,7 @@ from raycv import checkpoint, model_stats, verbosity
 from raycv.checkpoint import unwrap as model_of
 from raycv.config import Config
 from raycv.data.augment import normalize
-from raycv.data.pipeline import train_preset
+from raycv.data.pipeline import eval_preset, train_preset
 from raycv.distill import Teacher, load_teacher
 from raycv.errors import NonFiniteLossError
 from raycv.finetune.sources import load_source_weights
@@ -386,8 +386,8 @@ class LossParts:
 
 
 def _batches(shard, cfg: Config, device, train: bool):
-    """The shard's batches on ``device``; with ``augment.where=worker`` the training ones
-    are augmented here, on the device, and the time counts as waiting for data."""
+    """The shard's batches on ``device``; with ``augment.where=worker`` they are augmented
+    or prepared here, on the device, and the time counts as waiting for data."""
     world = ray.train.get_context().get_world_size()
     batches = shard.iter_torch_batches(
         batch_size=cfg.train.batch_size // world,
@@ -395,8 +395,8 @@ def _batches(shard, cfg: Config, device, train: bool):
         drop_last=train,  # a 1-image tail batch breaks BatchNorm in training mode
         device=device,
     )
-    if train and cfg.augments_on_worker:
-        preset = train_preset(cfg)
+    if cfg.augments_on_worker:
+        preset = train_preset(cfg) if train else eval_preset(cfg)
         return (preset.apply(batch) for batch in batches)
     return iter(batches)
 

@@ -149,7 +149,7 @@ def fit(
             # with a blank line after it: a progress bar's state must reach the driver once.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets={"train": streams.train, "val": streams.val},
+        datasets=streams.for_training(cfg),
     )
     try:
         with _ctrl_c_interrupts():

@@ -12,7 +12,7 @@ from raycv.config import from_dict
 from raycv.data import shapes
 from raycv.data.augment import build_preset, normalize
 from raycv.data.decoders import padded_boxes
-from raycv.data.pipeline import build_streams, train_preset
+from raycv.data.pipeline import build_streams, eval_preset, train_preset
 
 SIZE = 32
 MODELS = {"classification": "resnet18", "segmentation": "unet", "detection": "yolo_n"}
@@ -96,6 +96,22 @@ def test_the_worker_draws_what_ray_data_draws_with_every_target(task):
         np.testing.assert_array_equal(on_worker[key].numpy(), shipped[key])
     if task == "detection":  # boxes did move: the draws were real
         assert not np.array_equal(shipped["boxes"], batch["boxes"])
+
+
+@pytest.mark.parametrize("task", list(MODELS))
+def test_a_worker_prepares_validation_as_ray_data_does(ray_local, task):
+    # augment.where=worker: the workers read the cached val images and prepare them
+    # themselves, so that no Ray Data process of the run imports torch for the eval preset.
+    cfg = from_dict({**config(task).model_dump(mode="json"), "augment": {"where": "worker"}})
+    streams = build_streams(cfg)
+    read = streams.for_training(cfg)["val"].take_batch(8, batch_format="numpy")
+    assert read["image"].shape[1:] == (cfg.working_size, cfg.working_size, 3)  # unprepared
+    on_worker = eval_preset(cfg).apply({k: torch.from_numpy(v) for k, v in read.items()})
+    shipped = streams.val.take_batch(8, batch_format="numpy")
+    rounded = on_worker["image"].mul(255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(rounded, shipped["image"])
+    for key in set(shipped) - {"image"}:
+        np.testing.assert_array_equal(on_worker[key].cpu().numpy(), shipped[key])
 
 
 def test_the_worker_draws_per_image_and_afresh_each_batch():

@@ -1,8 +1,9 @@
 """The streams a training run reads: a source's cached images, read in each epoch's
 order (``data/order.py``), tiled into mosaics where configured (``data/mosaic.py``) and
-augmented in Ray Data ``map_batches`` (train preset; with ``augment.where=worker`` the
-stream carries the working-size images and each training worker runs the preset on its
-own device, ``Preset.apply``), or prepared for evaluation in a fixed order (eval preset)."""
+augmented in Ray Data ``map_batches`` (train preset), or prepared for evaluation in a fixed
+order (eval preset). With ``augment.where=worker`` the training workers read both streams'
+working-size images and run both presets on their own device (``Preset.apply``), so that no
+Ray Data process of the run imports torch."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class Streams:
     # the working-size images for them)
     train: ray.data.Dataset
     clock: ray.actor.ActorHandle  # data/order.EpochClock: set by the loop before each epoch
-    val: ray.data.Dataset
+    val: ray.data.Dataset  # prepared for evaluation
+    val_cached: ray.data.Dataset  # the working-size images, for workers that prepare them
     class_names: list[str]
     num_train: int
     num_val: int
@@ -37,6 +39,10 @@ class Streams:
     train_rows: CachedRows
     augment: Preset
     prepare: Preset
+
+    def for_training(self, cfg: Config) -> dict[str, ray.data.Dataset]:
+        """What the training workers read, by Ray Train's dataset names."""
+        return {"train": self.train, "val": self.val_cached if cfg.augments_on_worker else self.val}
 
     def train_sample(self, count: int, seed: int, augmented: bool = False) -> ray.data.Dataset:
         """``count`` training images drawn at random, stratified by class where rows have
@@ -51,10 +57,7 @@ def build_streams(cfg: Config) -> Streams:
     source = SOURCES.get(cfg.data.source)(cfg)
     num_train, num_val = source.train.count(), source.val.count()
     check_sizes(cfg, num_train, num_val, len(source.skipped))
-    size, aug, ignore = cfg.model.image_size, cfg.augment, cfg.data.ignore_index
-    augment = train_preset(cfg)
-    whole = TASKS.get(cfg.task).whole_frame
-    prepare = build_preset(aug.eval_preset, aug, size, ignore_index=ignore, whole_frame=whole)
+    augment, prepare = train_preset(cfg), eval_preset(cfg)
     rows = CachedRows.of(source.train)
     ordered, clock = epoch_stream(rows, cfg.seed)
     if cfg.augment.mosaic:  # before the warp, in the same tasks (batch_size=None)
@@ -63,6 +66,7 @@ def build_streams(cfg: Config) -> Streams:
         train=ordered if cfg.augments_on_worker else _augmented(ordered, augment),
         clock=clock,
         val=_augmented(source.val, prepare, AUGMENT_BATCH),
+        val_cached=source.val,
         class_names=source.class_names,
         num_train=num_train,
         num_val=num_val,
@@ -78,6 +82,18 @@ def train_preset(cfg: Config) -> Preset:
     aug = cfg.augment
     return build_preset(
         aug.train_preset, aug, cfg.model.image_size, ignore_index=cfg.data.ignore_index
+    )
+
+
+def eval_preset(cfg: Config) -> Preset:
+    """The eval preset, where Ray Data or the training workers run it."""
+    aug = cfg.augment
+    return build_preset(
+        aug.eval_preset,
+        aug,
+        cfg.model.image_size,
+        ignore_index=cfg.data.ignore_index,
+        whole_frame=TASKS.get(cfg.task).whole_frame,
     )
 
 
