@@ -164,7 +164,7 @@ class AugmentConfig(Section):
         "auto",
         description="where the train preset runs: data = Ray Data tasks on the cluster's CPUs; "
         "worker = each training worker, on its own device, between reading a batch and its "
-        "step; auto = worker when the workers have GPUs, else data (faster on CPU, "
+        "step (and the eval preset likewise); auto = worker when the workers have GPUs, else data (faster on CPU, "
         "docs/benchmarks.md)",
     )
 
