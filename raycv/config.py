@@ -164,8 +164,8 @@ class AugmentConfig(Section):
         "auto",
         description="where the train preset runs: data = Ray Data tasks on the cluster's CPUs; "
         "worker = each training worker, on its own device, between reading a batch and its "
-        "step (and the eval preset likewise); auto = worker when the workers have GPUs, else data (faster on CPU, "
-        "docs/benchmarks.md)",
+        "step (and the eval preset likewise); auto = worker when the workers have GPUs, else "
+        "data (faster on CPU, docs/benchmarks.md)",
     )
 
     @model_validator(mode="after")
