@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raycv.config import PruneConfig, from_dict
-from raycv.export import run_export
+from raycv.export import RTOL, run_export
 from raycv.models import MODELS, create_model
 from raycv.pruning import prune_model
 from raycv.runs import RunFolder
@@ -24,6 +24,16 @@ from raycv.runs import RunFolder
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit:FutureWarning")
 
 SIZE, CLASSES = 64, 3
+
+
+def exported_close(manifest: dict, size: int = SIZE) -> bool:
+    """Whether the export finished with its rows within what its own check allows: 1e-4
+    plus ``RTOL`` of each value, and a box corner is up to ``size`` pixels (float32's
+    rounding there differs between CPUs: 1.02e-3 on a 128 px RetinaNet on an AMD EPYC)."""
+    diff = manifest["metrics"]["onnx_max_abs_diff"]
+    return manifest["status"] == "finished" and 0 <= diff < 1e-4 + RTOL * size
+
+
 METRICS = {"epoch": 2, "val_map": 0.31, "val_map50": 0.62}
 
 
@@ -95,7 +105,7 @@ def test_yolo_exports_and_the_cards_postprocess_gives_raycvs_detections(
     assert card["postprocess"]["nms_iou"] == model.nms_iou
     assert any("keeping its aspect ratio" in step for step in card["preprocessing"]["steps"])
     manifest = json.loads(exported.manifest.read_text())
-    assert manifest["status"] == "finished" and manifest["metrics"]["onnx_max_abs_diff"] < 1e-3
+    assert exported_close(manifest)
 
     x = images(3)
     session = ort.InferenceSession(str(exported.path / "model.onnx"))
@@ -131,7 +141,7 @@ def test_a_torchvision_one_stage_detector_exports_its_rows_and_the_card_makes_it
     card = json.loads((exported.path / "model_card.json").read_text())
     markdown = (exported.path / "model_card.md").read_text()
     manifest = json.loads(exported.manifest.read_text())
-    assert manifest["status"] == "finished" and manifest["metrics"]["onnx_max_abs_diff"] < 1e-3
+    assert exported_close(manifest, size)
     assert card["postprocess"]["nms_iou"] == model.nms_thresh
     assert "superset" in card["postprocess"]["top_k"]
 
@@ -167,7 +177,7 @@ def test_a_two_stage_detector_exports_its_detections_with_nms_inside(tmp_path, s
     exported = run_export(run.best)
     card = json.loads((exported.path / "model_card.json").read_text())
     manifest = json.loads(exported.manifest.read_text())
-    assert manifest["status"] == "finished" and manifest["metrics"]["onnx_max_abs_diff"] < 1e-3
+    assert exported_close(manifest)
     assert card["input"]["shape"] == [1, 3, SIZE, SIZE] and "postprocess" not in card
     assert card["output"]["shape"] == ["detections", 6]
     # On other pixels than the export saw, ONNX Runtime's NMS keeps PyTorch's detections:
