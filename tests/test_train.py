@@ -178,9 +178,6 @@ def test_the_train_controller_gets_the_loop_without_importing_it(tmp_path):
     starts the workers: what it gets must not import the loop and its torchvision,
     torch-pruning, timm or torchmetrics (about 3 s on the way to the first step). The
     workers import the loop where they run it."""
-    import subprocess
-    import sys
-
     import ray.cloudpickle
 
     from raycv.controller import RecordReports, train_func
@@ -191,13 +188,7 @@ def test_the_train_controller_gets_the_loop_without_importing_it(tmp_path):
     reports = RecordReports(recorder(from_dict({}), RunFolder(tmp_path)))
     shipped = ray.cloudpickle.dumps([train_func, reports, ReportToTune])
     heavy = ["raycv.loop", "torchvision", "torch_pruning", "timm", "torchmetrics"]
-    imported = subprocess.run(
-        [sys.executable, "-c", UNPICKLE_ELSEWHERE, *heavy],
-        input=shipped,
-        capture_output=True,
-        check=True,
-    ).stdout
-    assert imported.decode().strip() == ""
+    assert imported_elsewhere(UNPICKLE_ELSEWHERE, heavy, shipped) == ""
 
 
 DRIVER = """
@@ -216,14 +207,24 @@ def test_a_command_validates_its_config_without_the_workers_imports():
     building or running their entries needs (torchvision's ops import torch._dynamo,
     torch-pruning timm, the quantizers torchao with inductor: 2.5-4 s of a command's
     start on 2 cores). Nor does the train command's driver draw a plot before training."""
+    heavy = ["torchvision", "torch._dynamo", "torch_pruning", "timm", "torchao", "matplotlib"]
+    assert imported_elsewhere(DRIVER, heavy) == ""
+
+
+def imported_elsewhere(script: str, modules: list[str], stdin: bytes = b"") -> str:
+    """Which of ``modules`` ``script`` (which prints them, comma-separated) imported when run
+    in a fresh Python from the repository's root, fed ``stdin``."""
     import subprocess
     import sys
 
-    heavy = ["torchvision", "torch._dynamo", "torch_pruning", "timm", "torchao", "matplotlib"]
-    imported = subprocess.run(
-        [sys.executable, "-c", DRIVER, *heavy],
-        cwd=Path(__file__).parents[1],
-        capture_output=True,
-        check=True,
-    ).stdout
-    assert imported.decode().strip() == ""
+    return (
+        subprocess.run(
+            [sys.executable, "-c", script, *modules],
+            cwd=REPO,
+            input=stdin,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .strip()
+    )
