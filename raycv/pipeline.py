@@ -262,6 +262,7 @@ def run_pipeline(
             continue
         if name != "report" and p.done(name):
             log.info("stage %s: finished before, skipped", name)
+            _record_finished_before(p, name)
         else:
             _run_stage(p, name, stage)
         if name == until:
@@ -279,6 +280,13 @@ def _local_cpus(cfg: Config) -> int:
 
     sweep = local_sweep_cpus(cfg) if STAGES.get("tune").enabled(cfg) else 0
     return max(local_cpus(cfg), sweep)
+
+
+def _record_finished_before(p: Pipeline, name: str) -> None:
+    """The stage's own manifest is the truth: a pipeline killed after a stage finished but
+    before the pipeline's manifest said so still lists that stage as running there."""
+    entry = p.stages.setdefault(name, {"path": name})
+    entry["status"] = "finished"
 
 
 def _run_stage(p: Pipeline, name: str, stage: Stage) -> None:

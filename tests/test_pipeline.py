@@ -5,6 +5,7 @@ Before that it is killed once its first stage has finished (fault injection)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,6 +104,25 @@ def test_resume_after_the_sweep_does_not_rerun_it(pipeline):
         "report",
     ]
     assert manifest["final_model"] == "compress"
+
+
+@pytest.mark.slow
+def test_resume_records_a_stage_whose_own_manifest_says_finished(pipeline, tmp_path):
+    """Killed after the pretrain stage finished but before the pipeline's manifest said so:
+    --resume skips the stage and lists it as finished."""
+    run = tmp_path / "pipeline_smoke" / pipeline["run"].path.name
+    run.mkdir(parents=True)
+    for name in ("config.yaml", "given.yaml", "manifest.json"):
+        shutil.copy(pipeline["run"].path / name, run / name)
+    shutil.copytree(pipeline["run"].path / "pretrain", run / "pretrain")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["pretrain"]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    before = (run / "pretrain" / "manifest.json").read_text()
+    given = _given(tmp_path)
+    run_pipeline(given, validate(given), resume=str(run), local=True, until="pretrain")
+    assert read_manifest(run)["stages"]["pretrain"]["status"] == "finished"
+    assert (run / "pretrain" / "manifest.json").read_text() == before  # not run again
 
 
 @pytest.mark.slow
