@@ -25,7 +25,7 @@ from raycv import checkpoint, model_stats, verbosity
 from raycv.checkpoint import unwrap as model_of
 from raycv.config import Config
 from raycv.data.augment import normalize
-from raycv.data.pipeline import eval_preset, train_preset
+from raycv.data.pipeline import preset_of
 from raycv.distill import Teacher, load_teacher
 from raycv.errors import NonFiniteLossError
 from raycv.finetune.sources import load_source_weights
@@ -396,7 +396,7 @@ def _batches(shard, cfg: Config, device, train: bool):
         device=device,
     )
     if cfg.augments_on_worker:
-        preset = train_preset(cfg) if train else eval_preset(cfg)
+        preset = preset_of(cfg, train=train)
         return (preset.apply(batch) for batch in batches)
     return iter(batches)
 

@@ -42,8 +42,9 @@ import torch
 
 from raycv.artifacts import checkpoint_file, load_checkpoint, load_trained
 from raycv.config import Config, dump_config, from_dict
-from raycv.data.augment import build_preset, normalize
+from raycv.data.augment import normalize
 from raycv.data.images import decode_batch
+from raycv.data.pipeline import preset_of
 from raycv.data.preset_step import PresetStep
 from raycv.errors import DataError
 from raycv.runs import RunFolder, write_manifest
@@ -181,10 +182,7 @@ def _predictions(
     whole, boxes = task.whole_frame, "boxes" in task.targets
     ds = ray.data.read_binary_files(files, include_paths=True)
     ds = ds.map_batches(_Decode(cfg.working_size, whole, boxes), batch_size=batch_size)
-    prepare = build_preset(
-        cfg.augment.eval_preset, cfg.augment, cfg.model.image_size, whole_frame=whole
-    )
-    ds = ds.map_batches(PresetStep.of(prepare), batch_size=batch_size)
+    ds = ds.map_batches(PresetStep.of(preset_of(cfg, train=False)), batch_size=batch_size)
     ds = ds.map_batches(
         _Predictor,
         fn_constructor_kwargs={

@@ -12,7 +12,7 @@ from raycv.config import from_dict
 from raycv.data import shapes
 from raycv.data.augment import build_preset, normalize
 from raycv.data.decoders import padded_boxes
-from raycv.data.pipeline import build_streams, eval_preset, train_preset
+from raycv.data.pipeline import build_streams, preset_of
 
 SIZE = 32
 MODELS = {"classification": "resnet18", "segmentation": "unet", "detection": "yolo_n"}
@@ -84,7 +84,7 @@ def test_the_worker_draws_what_ray_data_draws_with_every_target(task):
     # Same seed, same code: the worker's tensors are Ray Data's batch before rounding to
     # uint8, so masks and boxes stay on their pixels (tests/test_*_augment.py) either way.
     cfg = config(task)
-    preset = train_preset(cfg)
+    preset = preset_of(cfg, train=True)
     preset.seed = 11
     batch = shapes_rows(task)
     shipped = preset(batch)
@@ -106,7 +106,7 @@ def test_a_worker_prepares_validation_as_ray_data_does(ray_local, task):
     streams = build_streams(cfg)
     read = streams.for_training(cfg)["val"].take_batch(8, batch_format="numpy")
     assert read["image"].shape[1:] == (cfg.working_size, cfg.working_size, 3)  # unprepared
-    on_worker = eval_preset(cfg).apply({k: torch.from_numpy(v) for k, v in read.items()})
+    on_worker = preset_of(cfg, train=False).apply({k: torch.from_numpy(v) for k, v in read.items()})
     shipped = streams.val.take_batch(8, batch_format="numpy")
     rounded = on_worker["image"].mul(255).round().to(torch.uint8).numpy()
     np.testing.assert_array_equal(rounded, shipped["image"])
@@ -115,7 +115,7 @@ def test_a_worker_prepares_validation_as_ray_data_does(ray_local, task):
 
 
 def test_the_worker_draws_per_image_and_afresh_each_batch():
-    preset = train_preset(config("classification"))
+    preset = preset_of(config("classification"), train=True)
     copies = torch.from_numpy(np.repeat(shapes_rows("classification", 1)["image"], 32, axis=0))
     first, second = (preset.apply({"image": copies})["image"] for _ in range(2))
     assert len({image.numpy().tobytes() for image in first}) >= 30
@@ -149,7 +149,7 @@ def test_a_stream_ships_its_preset_as_a_step_that_imports_torch_only_to_augment(
 
     from raycv.data.preset_step import PresetStep
 
-    preset = train_preset(config(task))
+    preset = preset_of(config(task), train=True)
     preset.seed = 7
     batch = shapes_rows(task)
     step = PresetStep.of(preset)

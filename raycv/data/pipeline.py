@@ -57,7 +57,7 @@ def build_streams(cfg: Config) -> Streams:
     source = SOURCES.get(cfg.data.source)(cfg)
     num_train, num_val = source.train.count(), source.val.count()
     check_sizes(cfg, num_train, num_val, len(source.skipped))
-    augment, prepare = train_preset(cfg), eval_preset(cfg)
+    augment, prepare = preset_of(cfg, train=True), preset_of(cfg, train=False)
     rows = CachedRows.of(source.train)
     ordered, clock = epoch_stream(rows, cfg.seed)
     if cfg.augment.mosaic:  # before the warp, in the same tasks (batch_size=None)
@@ -77,23 +77,16 @@ def build_streams(cfg: Config) -> Streams:
     )
 
 
-def train_preset(cfg: Config) -> Preset:
-    """The train preset, where Ray Data or the training workers run it."""
+def preset_of(cfg: Config, *, train: bool) -> Preset:
+    """The train or the eval preset, wherever it runs (Ray Data, the training workers,
+    batch prediction); the eval one keeps the whole frame where the task scores it."""
     aug = cfg.augment
     return build_preset(
-        aug.train_preset, aug, cfg.model.image_size, ignore_index=cfg.data.ignore_index
-    )
-
-
-def eval_preset(cfg: Config) -> Preset:
-    """The eval preset, where Ray Data or the training workers run it."""
-    aug = cfg.augment
-    return build_preset(
-        aug.eval_preset,
+        aug.train_preset if train else aug.eval_preset,
         aug,
         cfg.model.image_size,
         ignore_index=cfg.data.ignore_index,
-        whole_frame=TASKS.get(cfg.task).whole_frame,
+        whole_frame=not train and TASKS.get(cfg.task).whole_frame,
     )
 
 
