@@ -14,7 +14,7 @@ own cost per file):
   same resize (in the dev extra for this script; not a dependency of raycv).
 
 The others skip EXIF orientation, which a replacement would still have to read, so they
-are lower bounds. Files: the clothing photos of ../shared/data (288x384) where present,
+are lower bounds. Files: the clothing photos of ../shared/data (mostly 288x384) or ``--photos``,
 then JPEGs made from one of them (or a rendered shape) at each ``--sides`` (quality 90).
 Median of ``--repeats`` passes. Run by hand, not in CI:
 
@@ -28,6 +28,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import results
@@ -47,6 +48,13 @@ def parse_args(argv: list[str] | None = None):
         "--sides",
         default="1024,2000,4000",
         help="long sides of the made JPEGs, comma-separated (default: %(default)s)",
+    )
+    p.add_argument(
+        "--photos",
+        type=Path,
+        default=results.CLOTHING,
+        help="an ImageFolder of JPEGs, train/<class>/*.jpg (default: %(default)s; "
+        "without it the made JPEGs start from a rendered shape)",
     )
     p.add_argument("--files", type=int, default=200, help="photos per set (default 200)")
     p.add_argument("--repeats", type=int, default=3, help="passes per method (default 3)")
@@ -91,10 +99,10 @@ def decoders() -> dict[str, Decoder]:
     return found
 
 
-def file_sets(count: int, sides: list[int]) -> dict[str, list[bytes]]:
-    """Real photos where ../shared/data has them, then photo-sized JPEGs made from one."""
-    photos = sorted(results.CLOTHING.glob("train/*/*.jpg"))[:count]
-    sets = {"clothing6 photos (288x384)": [p.read_bytes() for p in photos]} if photos else {}
+def file_sets(folder: Path, count: int, sides: list[int]) -> dict[str, list[bytes]]:
+    """Real photos where ``folder`` has them, then photo-sized JPEGs made from one."""
+    photos = sorted(folder.glob("train/*/*.jpg"))[:count]
+    sets = {f"{folder.name} photos": [p.read_bytes() for p in photos]} if photos else {}
     base = Image.open(photos[0]).convert("RGB") if photos else _shape()
     for side in sides:
         made = []
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     results.setup_logging()
     torch.set_num_threads(1)  # per core: the decode runs one file per task thread
     info = results.machine()
-    sets = file_sets(args.files, [int(s) for s in args.sides.split(",")])
+    sets = file_sets(args.photos, args.files, [int(s) for s in args.sides.split(",")])
     rows, out = [], {"machine": info, "size": args.size, "ms_per_file": {}}
     for set_name, files in sets.items():
         log.info("%s: %d files", set_name, len(files))
