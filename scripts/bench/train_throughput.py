@@ -1,10 +1,11 @@
 """End-to-end training images/s of ``raycv train`` vs the compute-only ceiling, and start-up.
 
-* ``ceiling``: a plain PyTorch loop in this process (the same model, image size, per-step batch
-  and optimizer as the raycv runs, fp32) on preloaded random tensors: what the cores can do
-  when data costs nothing.  Timed with torch threads = cores and with 1 thread (on a shared,
-  oversubscribed machine OpenMP's barriers can make 2 threads slower than 1), before and after
-  the raycv runs; the best of these is the ceiling (machine noise only pulls it down).
+* ``ceiling``: a plain PyTorch loop in this process (the same model, image size, per-step batch,
+  optimizer, precision and memory format as the raycv runs) on preloaded random tensors (on
+  the GPU with ``--gpu``): what the cores, or the GPU, can do when data costs nothing. Timed
+  with torch threads = cores and with 1 thread (on a shared, oversubscribed machine OpenMP's
+  barriers can make 2 threads slower than 1), before and after the raycv runs; the best of
+  these is the ceiling (machine noise only pulls it down).
 * ``raycv train``: ``python -m raycv train CONFIG overrides...`` as a subprocess, once per worker
   count.  Throughput is the median ``images_per_s`` in its ``metrics.jsonl`` over epochs >= 2
   (epoch 1 includes warm-up); start-up is epoch 1's ``epoch_started_at`` - the launch time.
@@ -21,6 +22,9 @@ Run by hand, not in CI:
     python scripts/bench/train_throughput.py --workers 1 --where data,worker  # who augments
     python scripts/bench/train_throughput.py --config configs/det_pipeline_smoke.yaml \
         --image-size 64 --num-images 800 --batch-size 16 --workers 1 --skip-bare  # detection
+    python scripts/bench/train_throughput.py --gpu --model resnet50 --image-size 224 \
+        --batch-size 256 --precision bf16 --channels-last --workers 1 --where worker,data \
+        --num-images 12800 --epochs 4 --skip-bare      # one GPU (issue 19's GPU benchmark)
 
 The ceiling asks the config's task for its batch and loss (random masks for segmentation,
 two random boxes per image for detection), so it times the same forward, loss and backward
@@ -50,6 +54,7 @@ log = logging.getLogger("bench")
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 GOAL = 0.9  # raycv images/s vs the ceiling
+GPU_DATA_WAIT_GOAL = 0.02  # with --gpu: the share of step time spent waiting for data, at most
 METRIC_GOAL = 0.10  # detection: mAP's scoring as a share of the epoch, at most
 # Ray Train's 60 s default is too short for a first start on a loaded 2-core machine; a longer
 # limit changes no timing, it only keeps a slow start from failing the run.
@@ -122,6 +127,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default data; data,worker compares Ray Data's augmentation with the workers' own)",
     )
     p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="one GPU per worker (scaling.use_gpu=true), the ceiling on this process's GPU",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="train.precision, the ceiling under the same autocast (default fp32; fp16 "
+        "needs --gpu)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="train.channels_last=true, the ceiling's model and images channels_last too",
+    )
+    p.add_argument(
         "--skip-bare", action="store_true", help="leave out the bare TorchTrainer start-ups"
     )
     p.add_argument(
@@ -152,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--epochs must be at least 2: epoch 1 is warm-up and is not counted")
     if args.ceiling_steps < 1:
         p.error("--ceiling-steps must be at least 1")
+    if args.precision == "fp16" and not args.gpu:
+        p.error("--precision fp16 needs --gpu (use bf16 on CPU)")
     return args
 
 
@@ -168,7 +192,9 @@ def overrides(
         f"model.image_size={args.image_size}",
         f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch_size}",
-        "train.precision=fp32",
+        f"train.precision={args.precision}",
+        f"train.channels_last={str(args.channels_last).lower()}",
+        f"scaling.use_gpu={str(args.gpu).lower()}",
         f"scaling.num_workers={workers}",
         f"scaling.cpus_per_worker={cpus:g}",
         *([f"model.name={args.model}"] if args.model else []),
@@ -179,10 +205,12 @@ def overrides(
 
 
 def ceiling(cfg, threads: int, steps: int, warmup: int) -> dict[str, float]:
-    """Images/s of forward + loss + backward + SGD step on preloaded random tensors."""
+    """Images/s of forward + loss + backward + optimizer step on preloaded random tensors,
+    on the GPU when the runs use one, under the runs' autocast and memory format."""
     import torch
 
     from raycv.data.shapes import class_names
+    from raycv.loop import AMP_DTYPES
     from raycv.models import create_model
     from raycv.optim import build_optimizer
     from raycv.tasks import TASKS, build_task, total
@@ -195,23 +223,35 @@ def ceiling(cfg, threads: int, steps: int, warmup: int) -> dict[str, float]:
         names = ["background", *names]  # as the shapes source names them
     task = build_task(cfg, names)
     m = cfg.model
-    model = create_model(m.name, len(names), m.weights, size, m.encoder).train()
+    device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = create_model(m.name, len(names), m.weights, size, m.encoder)
+    model = model.to(device, memory_format=layout).train()
     optimizer = build_optimizer(model, cfg.optimizer, cfg.optimizer.lr)
+    amp = AMP_DTYPES.get(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     k = cfg.data.max_boxes
-    batches = [random_batch(task.targets, len(names), batch, size, k) for _ in range(4)]
+    batches = [
+        on_device(random_batch(task.targets, len(names), batch, size, k), device, layout)
+        for _ in range(4)
+    ]
 
     def step(i: int) -> None:
         batch_i = batches[i % len(batches)]
-        loss = total(task.loss(task.forward(model, batch_i), batch_i))
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = total(task.loss(task.forward(model, batch_i), batch_i))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     for i in range(warmup):
         step(i)
+    _synchronize(device)
     started = time.perf_counter()
     for i in range(steps):
         step(i)
+    _synchronize(device)
     seconds = time.perf_counter() - started
     return {
         "steps": steps,
@@ -241,6 +281,21 @@ def random_batch(
         "image": torch.randn(batch, 3, size, size),
         **{t: torch.randint(classes, shapes[t], dtype=dtypes[t]) for t in targets},
     }
+
+
+def on_device(batch: dict, device, layout) -> dict:
+    """A random batch preloaded where the model runs, its images in the model's layout."""
+    moved = {k: v.to(device) for k, v in batch.items()}
+    moved["image"] = moved["image"].contiguous(memory_format=layout)
+    return moved
+
+
+def _synchronize(device) -> None:
+    """CUDA runs asynchronously: a clock read needs the queued steps finished."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -408,6 +463,9 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
             )
             met = "met" if raycv["vs_ceiling"] >= GOAL else "NOT met"
             verdicts.append(f"{key} {met} ({raycv['vs_ceiling']:.2f}x)")
+            if args.gpu:
+                met = "met" if raycv["data_wait"] <= GPU_DATA_WAIT_GOAL else "NOT met"
+                verdicts.append(f"data wait <= {GPU_DATA_WAIT_GOAL:.0%} {met}")
             if out["task"] == "detection":
                 met = "met" if raycv["metric_share"] <= METRIC_GOAL else "NOT met"
                 verdicts.append(f"mAP scoring <= {METRIC_GOAL:.0%} of the epoch {met}")
@@ -440,7 +498,8 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> str:
         f"raycv: median over epoch{'s 2-' if args.epochs > 2 else ' '}{args.epochs}; "
         f"ceiling: better of before/after, {args.ceiling_steps} steps each; "
         f"{out['model']} ({out['task']}), {args.image_size} px, global batch "
-        f"{args.batch_size}, fp32, the config's optimizer",
+        f"{args.batch_size}, {args.precision}{', channels_last' if args.channels_last else ''}, "
+        f"{'one GPU per worker' if args.gpu else 'CPU'}, the config's optimizer",
         "",
         results.table(
             [
@@ -483,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "train_throughput",
         "machine": info,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "goal": {"raycv_vs_ceiling": GOAL},
+        "goal": {"raycv_vs_ceiling": GOAL}
+        | ({"gpu_data_wait": GPU_DATA_WAIT_GOAL} if args.gpu else {}),
         **out,
     }
     print(results.header("Training images/s: raycv train vs a plain PyTorch loop", info))
