@@ -120,7 +120,7 @@ def start_local(num_cpus: int, dashboard_host: str, **init_args) -> str:
     # variables are set while Ray starts, not passed as a job runtime_env, whose workers Ray
     # starts through its runtime-env agent and never takes from the ones it prestarts (the
     # first Ray Data execution took 1.1-1.4 s longer with one, docs/benchmarks.md).
-    with _environment({"RAY_API_SERVER_ADDRESS": url, **verbosity.worker_env(), **train_env()}):
+    with environment({"RAY_API_SERVER_ADDRESS": url, **verbosity.worker_env(), **train_env()}):
         ray.init(
             num_cpus=num_cpus,
             dashboard_host=dashboard_host,
@@ -132,7 +132,7 @@ def start_local(num_cpus: int, dashboard_host: str, **init_args) -> str:
 
 
 @contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
+def environment(variables: dict[str, str]) -> Iterator[None]:
     """``variables`` set in this process's environment, the earlier values back after."""
     saved = {key: os.environ.get(key) for key in variables}
     os.environ.update(variables)
@@ -141,7 +141,7 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
     finally:
         for key, value in saved.items():
             if value is None:
-                os.environ.pop(key)
+                os.environ.pop(key, None)
             else:
                 os.environ[key] = value
 

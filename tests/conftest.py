@@ -42,20 +42,16 @@ def _own_ray_env(dashboard_port: int | None = None, **extra: str) -> Iterator[st
     sockets, 107 characters at most), removed after. With ``dashboard_port``, Ray's
     processes are told the State API's URL there: two Rays on one machine (pytest-xdist)
     otherwise break Train's placement-group cleanup (see ``raycv.session.start_local``)."""
+    from raycv.session import environment
+
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {"RAY_TMPDIR": temp_dir, **extra}
     if dashboard_port is not None:
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     try:
-        yield temp_dir
+        with environment(env):
+            yield temp_dir
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -139,11 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # per core: the decode runs one file per task thread
     info = results.machine()
     sets = file_sets(args.photos, args.files, [int(s) for s in args.sides.split(",")])
+    methods = decoders()
     rows, out = [], {"machine": info, "size": args.size, "ms_per_file": {}}
     for set_name, files in sets.items():
         log.info("%s: %d files", set_name, len(files))
         timed = {
-            name: time_method(fn, files, args.size, args.repeats) for name, fn in decoders().items()
+            name: time_method(fn, files, args.size, args.repeats) for name, fn in methods.items()
         }
         base = results.median(timed["raycv (Pillow, draft)"])
         for name, passes in timed.items():
